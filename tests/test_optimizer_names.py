@@ -1,9 +1,9 @@
 """The `mirror` strategy's name table against the checkpoints MindSpore's optimizers really write.
 
-Each case builds a tiny network with a 2-D weight and a 1-D bias, saves the optimizer with
-`mindspore.save_checkpoint` and checks two things: the saved names and shapes are exactly the ones
-listed here (so a MindSpore release that renames a state fails this test rather than shardsmith's
-merges), and `parameter_of` maps every optimizer state to its parameter and no scalar to anything.
+Each case builds a tiny network with a 2-D weight and a 1-D bias and saves the optimizer with
+`mindspore.save_checkpoint`. The saved names and shapes must be exactly the ones listed here, so a
+MindSpore release that renames a state fails this test rather than shardsmith's merges. Then
+`parameter_of` must map every optimizer state to its parameter and no scalar to anything.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ OPTIMIZERS = {
         {"global_step": (1,), "learning_rate": (), "momentum": ()},
     ),
     # AdaFactor factors the second moment of a 2-D parameter into one entry per row and one per
-    # column and keeps a [1] placeholder for the unfactored form; a 1-D parameter gets the
+    # column and keeps a [1] placeholder for the unfactored form. A 1-D parameter gets the
     # unfactored form and two placeholders. These names join prefix and parameter with "_".
     "AdaFactor": (
         lambda params: nn.AdaFactor(params),
