@@ -1,0 +1,406 @@
+"""The `shardsmith` command line: parses arguments, calls the library, prints results.
+
+Results (tables, JSON) go to stdout; progress, warnings and errors go to stderr. Any
+`ShardsmithError` becomes one message and a non-zero exit, with a traceback only under --debug.
+MindSpore is imported only by the commands that run inside msrun.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ShardsmithError
+
+app = typer.Typer(
+    name="shardsmith",
+    help="Merge, split and reshard MindSpore model-parallel checkpoints by layout.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True)
+
+
+class _State:
+    debug = False
+
+
+logger = logging.getLogger("shardsmith")
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"shardsmith {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages to stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    _State.debug = debug
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+
+
+def errors_to_exit(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ShardsmithError (or Ctrl-C) into one message on stderr and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ShardsmithError as exc:
+            if _State.debug:
+                raise
+            stderr.print(f"[bold red]Error:[/] {exc.format()}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            stderr.print("[bold red]Interrupted[/]; nothing was written.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _progress(description: str, enabled: bool = True):
+    """Return (rich Progress or None, jobs.Progress callbacks) showing bytes moved on stderr."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from .jobs import Progress as Callbacks
+
+    def warn(message: str) -> None:
+        stderr.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    if not enabled:
+        return None, Callbacks(warn=warn)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
+    task = bar.add_task(description, total=None)
+    return bar, Callbacks(
+        start=lambda total: bar.update(task, total=total),
+        advance=lambda n: bar.advance(task, n),
+        warn=warn,
+    )
+
+
+def _print_report(report: Any, json_output: bool) -> None:
+    from rich.filesize import decimal
+
+    if json_output:
+        data = {
+            "command": report.kind,
+            "dry_run": report.dry_run,
+            "output": str(report.target),
+            "parameters": report.parameters,
+            "bytes": report.total_bytes,
+            "files": report.files,
+            "warnings": report.warnings,
+        }
+        stdout.print_json(json.dumps(data))
+        return
+    verb = "would write" if report.dry_run else "wrote"
+    stdout.print(
+        f"{report.kind}: {verb} {report.parameters} parameters, {decimal(report.total_bytes)} of tensor data, "
+        f"to {report.target}",
+        highlight=False,
+    )
+    if len(report.files) > 1 or report.dry_run:
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("file")
+        table.add_column("bytes", justify="right")
+        if not report.dry_run:
+            table.add_column("sha256")
+        for f in report.files:
+            row = [str(f["path"]), f"{f['bytes']:,}"]
+            if not report.dry_run:
+                row.append(str(f.get("sha256", ""))[:16])
+            table.add_row(*row)
+        stdout.print(table)
+
+
+def _selection(include: List[str], exclude: List[str], weights_only: bool):
+    from .engine import Selection
+
+    return Selection(tuple(include), tuple(exclude), weights_only)
+
+
+PATHS = typer.Argument(..., help="A checkpoint file, a rank-set directory (rank_<r>/ subdirectories), or rank files in rank order.")
+PLAN = typer.Option(..., "--plan", "-p", help="The plan (TOML) the source is laid out by.")
+SELECT = typer.Option(None, "--select", help="Glob that picks one checkpoint per rank directory when it holds several.")
+IN_FORMAT = typer.Option(None, "--input-format", help="Read sources as 'ckpt' or 'safetensors' whatever their suffix.")
+OUT_FORMAT = typer.Option(None, "--format", help="Write 'ckpt' or 'safetensors' (default: from the output suffix, or the source's format).")
+INCLUDE = typer.Option([], "--include", help="Only parameters matching this glob (repeatable).")
+EXCLUDE = typer.Option([], "--exclude", help="Leave out parameters matching this glob (repeatable).")
+WEIGHTS_ONLY = typer.Option(False, "--weights-only", help="Leave out optimizer states and optimizer scalars (an inference checkpoint).")
+REPLICAS = typer.Option(None, "--replicas", help="Override every rule's policy for copies: 'check' (fail if they differ) or 'first' (take the lowest rank's, warn).")
+FORCE = typer.Option(False, "--force", "-f", help="Replace an existing output.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Validate everything and say what would be written; write nothing.")
+VERIFY = typer.Option(False, "--verify", help="Read the output back and compare it with the source before committing it.")
+CRC = typer.Option(False, "--crc", help="Append MindSpore's crc_num trailer to each .ckpt written.")
+PREFIX = typer.Option("checkpoint_", "--prefix", help="File name prefix in each rank_<r>/ directory: <prefix><r>.ckpt.")
+JSON_OUT = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _check_replicas_option(value: Optional[str]) -> None:
+    if value is not None and value not in ("check", "first"):
+        raise ShardsmithError(f"--replicas must be 'check' or 'first', got '{value}'")
+
+
+@app.command()
+@errors_to_exit
+def merge(
+    sources: List[Path] = PATHS,
+    plan: Path = PLAN,
+    output: Path = typer.Option(..., "--output", "-o", help="The full checkpoint to write (.ckpt or .safetensors)."),
+    include: List[str] = INCLUDE,
+    exclude: List[str] = EXCLUDE,
+    weights_only: bool = WEIGHTS_ONLY,
+    replicas: Optional[str] = REPLICAS,
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    output_format: Optional[str] = OUT_FORMAT,
+    force: bool = FORCE,
+    dry_run: bool = DRY_RUN,
+    verify: bool = VERIFY,
+    crc: bool = CRC,
+    json_output: bool = JSON_OUT,
+    quiet: bool = QUIET,
+) -> None:
+    """Merge a rank set into one full checkpoint."""
+    from . import jobs
+
+    _check_replicas_option(replicas)
+    bar, callbacks = _progress("merging", not quiet)
+    with bar or _nothing():
+        report = jobs.merge(
+            sources, plan, output, selection=_selection(include, exclude, weights_only), replicas=replicas,
+            select=select, input_format=input_format, output_format=output_format, force=force, dry_run=dry_run,
+            verify=verify, crc_check=crc, progress=callbacks,
+        )
+    _print_report(report, json_output)
+
+
+@app.command()
+@errors_to_exit
+def split(
+    full: Path = typer.Argument(..., help="The full checkpoint to split."),
+    plan: Path = typer.Option(..., "--plan", "-p", help="The plan (TOML) of the rank set to write."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to receive rank_<r>/ subdirectories."),
+    include: List[str] = INCLUDE,
+    exclude: List[str] = EXCLUDE,
+    weights_only: bool = WEIGHTS_ONLY,
+    prefix: str = PREFIX,
+    input_format: Optional[str] = IN_FORMAT,
+    output_format: Optional[str] = OUT_FORMAT,
+    force: bool = FORCE,
+    dry_run: bool = DRY_RUN,
+    verify: bool = VERIFY,
+    crc: bool = CRC,
+    json_output: bool = JSON_OUT,
+    quiet: bool = QUIET,
+) -> None:
+    """Split a full checkpoint into a rank set."""
+    from . import jobs
+
+    bar, callbacks = _progress("splitting", not quiet)
+    with bar or _nothing():
+        report = jobs.split(
+            full, plan, output, selection=_selection(include, exclude, weights_only), prefix=prefix,
+            input_format=input_format, output_format=output_format, force=force, dry_run=dry_run, verify=verify,
+            crc_check=crc, progress=callbacks,
+        )
+    _print_report(report, json_output)
+
+
+@app.command()
+@errors_to_exit
+def reshard(
+    sources: List[Path] = PATHS,
+    plan: Path = PLAN,
+    to_plan: Path = typer.Option(..., "--to-plan", help="The plan (TOML) of the rank set to write."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to receive rank_<r>/ subdirectories."),
+    include: List[str] = INCLUDE,
+    exclude: List[str] = EXCLUDE,
+    weights_only: bool = WEIGHTS_ONLY,
+    replicas: Optional[str] = REPLICAS,
+    prefix: str = PREFIX,
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    output_format: Optional[str] = OUT_FORMAT,
+    force: bool = FORCE,
+    dry_run: bool = DRY_RUN,
+    verify: bool = VERIFY,
+    crc: bool = CRC,
+    json_output: bool = JSON_OUT,
+    quiet: bool = QUIET,
+) -> None:
+    """Move a rank set to another layout or cluster size, without writing the full checkpoint."""
+    from . import jobs
+
+    _check_replicas_option(replicas)
+    bar, callbacks = _progress("resharding", not quiet)
+    with bar or _nothing():
+        report = jobs.reshard(
+            sources, plan, to_plan, output, selection=_selection(include, exclude, weights_only), replicas=replicas,
+            prefix=prefix, select=select, input_format=input_format, output_format=output_format, force=force,
+            dry_run=dry_run, verify=verify, crc_check=crc, progress=callbacks,
+        )
+    _print_report(report, json_output)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@app.command()
+@errors_to_exit
+def strategies(json_output: bool = JSON_OUT) -> None:
+    """List the registered layout strategies, built-in and from plugins."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    rows = []
+    for item in registry.items():
+        cls = item.cls
+        options = [
+            {"name": key, "type": opt.type, "required": opt.required, "default": None if opt.required else opt.default, "help": opt.help}
+            for key, opt in cls.options.items()
+        ]
+        rows.append({"name": cls.name, "description": cls.description, "options": options, "source": item.source})
+    if json_output:
+        broken = [{"entry_point": b.entry_point, "distribution": b.distribution, "cause": b.cause} for b in registry.broken]
+        stdout.print_json(json.dumps({"strategies": rows, "broken_plugins": broken}))
+        return
+    table = Table(show_header=True, header_style="bold", show_lines=True)
+    table.add_column("strategy", style="bold cyan", no_wrap=True)
+    table.add_column("options")
+    table.add_column("description")
+    table.add_column("from")
+    for row in rows:
+        opts = "\n".join(
+            f"{o['name']}: {o['type']}" + ("" if o["required"] else f" = {o['default']!r}") for o in row["options"]
+        )
+        table.add_row(row["name"], opts or "-", row["description"], row["source"])
+    stdout.print(table)
+    for broken in registry.broken:
+        stderr.print(f"[yellow]Warning:[/] {broken}", highlight=False)
+
+
+@app.command()
+@errors_to_exit
+def inspect(
+    paths: List[Path] = PATHS,
+    json_output: bool = JSON_OUT,
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    like: Optional[Path] = typer.Option(None, "--like", help="A full checkpoint of the same network, for the full shapes of a rank set."),
+    compare_bytes: bool = typer.Option(False, "--compare-bytes", help="Read the slices to tell replicated parameters by equal bytes (slower)."),
+) -> None:
+    """List a checkpoint's parameters, or a rank set's with each rank's slice shape."""
+    from rich.filesize import decimal
+
+    from .inspection import inspect_paths
+
+    report = inspect_paths(paths, select=select, format=input_format, like=like, compare_bytes=compare_bytes)
+    if json_output:
+        stdout.print_json(json.dumps(report.to_json()))
+        return
+    title = (
+        f"rank set of {report.world_size} ranks, {len(report.params)} parameters"
+        if report.is_rank_set
+        else f"{report.paths[0]}: {len(report.params)} parameters"
+    )
+    table = Table(title=title, show_header=True, header_style="bold", title_justify="left")
+    table.add_column("name", style="cyan", overflow="fold")
+    table.add_column("dtype")
+    table.add_column("shape")
+    if report.is_rank_set:
+        table.add_column("slices")
+        table.add_column("layout (inferred)")
+    table.add_column("bytes", justify="right")
+    total = 0
+    for p in report.params:
+        total += p.nbytes
+        shape = str(list(p.shape)) if p.shape is not None else "?"
+        row = [p.name, p.dtype, shape]
+        if report.is_rank_set:
+            row.append(_rank_shapes_text(p.rank_shapes))
+            layout = p.layout or "?"
+            row.append(layout if p.layout_certain else f"[yellow]{layout}?[/]" if p.layout else "?")
+        row.append(decimal(p.nbytes))
+        table.add_row(*row)
+    stdout.print(table)
+    stdout.print(f"total {decimal(total)}", highlight=False)
+
+
+def _rank_shapes_text(shapes: Optional[List[Any]]) -> str:
+    if not shapes:
+        return "-"
+    if all(s == shapes[0] for s in shapes):
+        return f"{len(shapes)} x {list(shapes[0]) if shapes[0] is not None else 'missing'}"
+    return ", ".join(f"{r}:{list(s) if s is not None else 'missing'}" for r, s in enumerate(shapes))
+
+
+@app.command()
+@errors_to_exit
+def verify(
+    a: Path = typer.Argument(..., help="A checkpoint file or rank-set directory."),
+    b: Path = typer.Argument(..., help="The checkpoint file or rank-set directory to compare with."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Compare values numerically with this relative tolerance."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Compare values numerically with this absolute tolerance."),
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    json_output: bool = JSON_OUT,
+) -> None:
+    """Compare two checkpoints or rank sets: names, dtypes, shapes and bytes. Exits 1 when they differ."""
+    from .verify import compare
+
+    diffs = compare([a], [b], rtol=rtol, atol=atol, select=select, format=input_format)
+    if json_output:
+        stdout.print_json(json.dumps({"equal": not diffs, "differences": [d.__dict__ for d in diffs]}))
+    elif diffs:
+        for d in diffs:
+            stdout.print(str(d), highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]{len(diffs)} difference(s)[/] between {a} and {b}", highlight=False)
+    else:
+        stdout.print(f"{a} and {b} are identical" + (" within tolerance" if rtol or atol else ""), highlight=False)
+    if diffs:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,404 @@
+"""Moving slices from one layout to another: merge, split and reshard are one operation.
+
+A merge is a move to a single rank holding everything, a split a move from one, and a reshard
+a move between two rank sets; `prepare_*` decides every parameter's source and target layout
+(no tensor data read), and `execute` moves the bytes one parameter at a time: each target
+slice is assembled from the memory-mapped source boxes that overlap it, written, and the
+source pages are released before the next parameter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import dtypes as dt
+from .errors import LayoutError, RankSetError, ShardsmithError, ValidationError
+from .formats import CheckpointReader, TensorInfo
+from .layout import Box, Copy, Layout, Shape
+from .plan import ParamLayout, Plan, is_scalar, resolve_full, resolve_slices
+from .rankset import Source
+from .strategies.mirror import parameter_of
+
+logger = logging.getLogger(__name__)
+
+# Scalars that optimizers and ModelCheckpoint save next to the weights; `--weights-only` drops them.
+OPTIMIZER_SCALARS = frozenset(
+    {
+        "learning_rate",
+        "momentum",
+        "global_step",
+        "beta1_power",
+        "beta2_power",
+        "afactor_step",
+        "weight_decay",
+        "loss_scale",
+        "epoch_num",
+        "step_num",
+        "cur_step_num",
+        "cur_epoch_num",
+        "current_iterator_step",
+        "last_overflow_iterator_step",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which parameters a job moves: `--include` / `--exclude` globs and `--weights-only`."""
+
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    weights_only: bool = False
+
+    def accepts(self, name: str, all_names: Sequence[str], mirror_prefixes: Sequence[str] = ()) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(name, g) for g in self.include):
+            return False
+        if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
+            return False
+        if self.weights_only:
+            if name in OPTIMIZER_SCALARS:
+                return False
+            if parameter_of(name, all_names, mirror_prefixes) is not None:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class ParamMove:
+    """One parameter's source layout, target layout and replica policy."""
+
+    name: str
+    dtype: str
+    source: Layout
+    target: Layout
+    replicas: str
+    source_summary: str = ""
+    target_summary: str = ""
+
+    @property
+    def full_shape(self) -> Shape:
+        return self.source.full_shape
+
+    def target_nbytes(self, rank: int) -> int:
+        return dt.expected_nbytes(self.dtype, self.target.slice_shapes[rank]) if self.dtype != dt.STRING else 0
+
+
+@dataclass
+class Job:
+    """Everything decided before any byte moves: what is written where."""
+
+    kind: str  # "merge", "split" or "reshard"
+    moves: List[ParamMove]
+    source_world: int
+    target_world: int
+    warnings: List[str] = field(default_factory=list)
+
+    def entries(self, rank: int, source: Source) -> List[TensorInfo]:
+        result = []
+        for move in self.moves:
+            if move.dtype == dt.STRING:
+                info = source.info(move.name)
+                result.append(TensorInfo(move.name, move.dtype, info.shape, info.nbytes))
+            else:
+                shape = move.target.slice_shapes[rank]
+                result.append(TensorInfo(move.name, move.dtype, shape, dt.expected_nbytes(move.dtype, shape)))
+        return result
+
+    def total_bytes(self) -> int:
+        return sum(m.target_nbytes(r) for m in self.moves for r in range(self.target_world))
+
+
+class _LazyShapes(Mapping):
+    """Slice shapes per parameter, asked of the rank set only for the parameters a plan touches."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def __getitem__(self, name: str) -> List[Shape]:
+        return self.source.slice_shapes(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source.names)
+
+    def __len__(self) -> int:
+        return len(self.source.names)
+
+
+def _selected_names(source: Source, plan: Plan, selection: Selection) -> List[str]:
+    names = [n for n in source.names if selection.accepts(n, source.names, plan.mirror_prefixes)]
+    if not names:
+        raise ShardsmithError("no parameter is selected (check --include, --exclude and --weights-only)")
+    return names
+
+
+def _check_rank_consistency(source: Source, names: Sequence[str], selection: Selection, plan: Plan) -> Dict[str, str]:
+    """Check every selected parameter is on every rank with one dtype; return name -> dtype."""
+    for rank, extra in source.extra_names().items():
+        extra = [n for n in extra if selection.accepts(n, source.names, plan.mirror_prefixes)]
+        if extra:
+            raise RankSetError(
+                f"rank {rank} holds {', '.join(repr(n) for n in extra[:5])}{' …' if len(extra) > 5 else ''} "
+                f"which rank 0 does not",
+                path=source.paths[rank],
+                param=extra[0],
+            )
+    dtypes = {}
+    for name in source.names:
+        dtypes[name] = source.info(name).dtype
+    for name in names:
+        missing = source.missing_ranks(name)
+        if missing:
+            raise RankSetError(
+                f"missing from rank {', '.join(map(str, missing))}, whose file the layout says holds a slice of it",
+                path=source.paths[missing[0]],
+                param=name,
+            )
+        for rank in range(1, source.world_size):
+            other = source.info(name, rank).dtype
+            if other != dtypes[name]:
+                raise ValidationError(
+                    f"rank 0 holds it as {dtypes[name]} but rank {rank} as {other}", path=source.paths[rank], param=name
+                )
+    return dtypes
+
+
+def _check_world_size(source: Source, plan: Plan, names: Sequence[str], dtypes: Mapping[str, str]) -> None:
+    if source.world_size == plan.world_size:
+        return
+    where = f" ({plan.path})" if plan.path else ""
+    if source.world_size > plan.world_size:
+        raise RankSetError(
+            f"the rank set has {source.world_size} ranks but the plan{where} has world_size {plan.world_size}",
+            path=source.paths[0].parent.parent if source.world_size > 1 else source.paths[0],
+        )
+    # Say what is lost: lay the parameters out as if every rank held rank 0's slice shape.
+    missing = list(range(source.world_size, plan.world_size))
+    guessed = {n: [source.info(n).shape] * plan.world_size for n in source.names}
+    lost: Dict[int, List[str]] = {r: [] for r in missing}
+    try:
+        layouts = resolve_slices(plan, source.names, dtypes, guessed, only=lambda n: n in names)
+    except ShardsmithError:
+        layouts = {}
+    for name, pl in layouts.items():
+        present = {p.full for r in range(source.world_size) for p in pl.layout.pieces[r]}
+        for r in missing:
+            if any(p.full not in present for p in pl.layout.pieces[r]):
+                lost[r].append(name)
+    details = "; ".join(
+        f"rank {r} would hold {', '.join(lost[r][:8])}{' …' if len(lost[r]) > 8 else ''}" for r in missing if lost[r]
+    )
+    raise RankSetError(
+        f"the plan{where} has world_size {plan.world_size} but only ranks 0-{source.world_size - 1} are present; "
+        f"missing rank {', '.join(map(str, missing))}" + (f" ({details})" if details else ""),
+        path=source.paths[0].parent.parent if source.world_size > 1 else source.paths[0],
+    )
+
+
+def _check_int4(move: ParamMove) -> None:
+    if not dt.packed_last_dim(move.dtype) or not move.full_shape:
+        return
+    last = move.full_shape[-1]
+    for layout in (move.source, move.target):
+        for pieces in layout.pieces:
+            for piece in pieces:
+                if piece.full.start[-1] != 0 or piece.full.stop[-1] != last:
+                    raise LayoutError(
+                        "an Int4 tensor split along its packed last dimension cannot be moved as bytes", param=move.name
+                    )
+
+
+def _source_layouts(source: Source, plan: Plan, selection: Selection) -> Tuple[List[str], Dict[str, str], Dict[str, ParamLayout]]:
+    names = _selected_names(source, plan, selection)
+    dtypes = {n: source.info(n).dtype for n in source.names}
+    _check_world_size(source, plan, names, dtypes)
+    dtypes = _check_rank_consistency(source, names, selection, plan)
+    layouts = resolve_slices(plan, source.names, dtypes, _LazyShapes(source), only=set(names).__contains__)
+    return names, dtypes, layouts
+
+
+def prepare_merge(source: Source, plan: Plan, selection: Selection = Selection(), replicas: Optional[str] = None) -> Job:
+    """Decide a merge of a rank set into one full checkpoint."""
+    names, dtypes, layouts = _source_layouts(source, plan, selection)
+    moves = [
+        ParamMove(n, dtypes[n], layouts[n].layout, Layout.replicated(layouts[n].full_shape, 1), replicas or layouts[n].replicas, layouts[n].summary, "full")
+        for n in names
+    ]
+    for move in moves:
+        _check_int4(move)
+    return Job("merge", moves, source.world_size, 1)
+
+
+def prepare_split(source: Source, plan: Plan, selection: Selection = Selection()) -> Job:
+    """Decide a split of one full checkpoint into a rank set."""
+    if source.world_size != 1:
+        raise ShardsmithError(
+            f"split takes one full checkpoint, got a rank set of {source.world_size} files; use reshard for a rank set",
+            path=source.paths[0],
+        )
+    names = _selected_names(source, plan, selection)
+    dtypes = {info.name: info.dtype for info in source.infos()}
+    shapes = {info.name: info.shape for info in source.infos()}
+    layouts = resolve_full(plan, source.names, dtypes, shapes, only=set(names).__contains__)
+    moves = [
+        ParamMove(n, dtypes[n], Layout.replicated(shapes[n], 1), layouts[n].layout, "check", "full", layouts[n].summary)
+        for n in names
+    ]
+    for move in moves:
+        _check_int4(move)
+    return Job("split", moves, 1, plan.world_size)
+
+
+def prepare_reshard(source: Source, plan: Plan, to_plan: Plan, selection: Selection = Selection(), replicas: Optional[str] = None) -> Job:
+    """Decide a move from one rank set to another without writing the full checkpoint."""
+    names, dtypes, layouts = _source_layouts(source, plan, selection)
+    shapes = {n: layouts[n].full_shape for n in names}
+    all_names = [n for n in source.names if n in shapes]
+    targets = resolve_full(to_plan, all_names, dtypes, shapes)
+    moves = [
+        ParamMove(n, dtypes[n], layouts[n].layout, targets[n].layout, replicas or layouts[n].replicas, layouts[n].summary, targets[n].summary)
+        for n in names
+    ]
+    for move in moves:
+        _check_int4(move)
+    return Job("reshard", moves, source.world_size, to_plan.world_size)
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Compare two arrays bit for bit (NaN payloads and signed zeros included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.itemsize in (1, 2, 4, 8):
+        unsigned = np.dtype(f"u{a.dtype.itemsize}")
+        return bool(np.array_equal(a.view(unsigned), b.view(unsigned)))
+    return a.tobytes() == b.tobytes()
+
+
+def _describe_values(values: Sequence[np.ndarray]) -> str:
+    return ", ".join(f"rank {r}: {v.tolist()}" for r, v in enumerate(values))
+
+
+class _Arrays:
+    """The source arrays of one parameter, opened on first use and released together."""
+
+    def __init__(self, readers: Sequence[CheckpointReader], name: str) -> None:
+        self.readers = readers
+        self.name = name
+        self._cache: Dict[int, np.ndarray] = {}
+
+    def __getitem__(self, rank: int) -> np.ndarray:
+        if rank not in self._cache:
+            try:
+                self._cache[rank] = self.readers[rank].array(self.name)
+            except ShardsmithError:
+                raise
+            except (ValueError, OSError) as exc:
+                raise ShardsmithError(f"reading failed: {exc}", path=self.readers[rank].path, param=self.name) from exc
+        return self._cache[rank]
+
+    def release(self) -> None:
+        self._cache.clear()
+        for reader in self.readers:
+            reader.release(self.name)
+
+
+def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Callable[[str], None]) -> None:
+    """Check that the copies a layout says are identical hold identical bytes, by the move's policy."""
+    copies = move.source.copies()
+    if not copies:
+        return
+    if move.source.is_replicated and move.full_shape and np.prod(move.full_shape) <= 16:
+        # Small replicated values such as global_step: show every rank's value when they differ.
+        values = [arrays[r] for r in range(move.source.world_size)]
+        if not all(same_bytes(values[0], v) for v in values[1:]):
+            message = f"replicated values differ across ranks ({_describe_values(values)})"
+            _replica_failure(move, message, warn)
+        return
+    for main_rank, main_piece, copy_rank, copy_piece in copies:
+        a = arrays[main_rank][main_piece.local.slices()]
+        b = arrays[copy_rank][copy_piece.local.slices()]
+        if same_bytes(a, b):
+            continue
+        diff = np.abs(dt.to_float64(np.ascontiguousarray(a), move.dtype) - dt.to_float64(np.ascontiguousarray(b), move.dtype))
+        worst = np.unravel_index(int(np.nanargmax(diff)) if np.isfinite(diff).any() else 0, diff.shape) if diff.size else ()
+        largest = float(np.nanmax(diff)) if diff.size and np.isfinite(diff).any() else float("nan")
+        message = (
+            f"copies that should be identical differ: rank {main_rank} and rank {copy_rank} "
+            f"(box {main_piece.full}), largest difference {largest:.6g} at index {list(map(int, worst))}"
+        )
+        _replica_failure(move, message, warn)
+        return
+
+
+def _replica_failure(move: ParamMove, message: str, warn: Callable[[str], None]) -> None:
+    if move.replicas == "first":
+        warn(f"parameter '{move.name}': {message}; keeping the lowest rank's copy (replicas = \"first\")")
+        return
+    raise ValidationError(
+        message,
+        param=move.name,
+        hint='Set replicas = "first" on its plan rule (or --replicas first) to keep the lowest rank\'s copy',
+    )
+
+
+def check_strings(move: ParamMove, source: Source, warn: Callable[[str], None]) -> str:
+    values = [reader.string(move.name) for reader in source.readers]
+    if any(v != values[0] for v in values[1:]):
+        shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+        _replica_failure(move, f"replicated values differ across ranks ({shown})", warn)
+    return values[0]
+
+
+def assemble(move: ParamMove, arrays: _Arrays, rank: int, copies: Optional[List[Copy]] = None) -> np.ndarray:
+    """Build target `rank`'s slice of `move` from the source arrays (a view when one box is the whole slice)."""
+    if copies is None:
+        copies = move.source.copies_into(move.target, rank)
+    shape = move.target.slice_shapes[rank]
+    storage = dt.storage_dtype(move.dtype)
+    if len(copies) == 1 and copies[0].target == Box.whole(shape):
+        view = arrays[copies[0].source_rank][copies[0].source.slices()]
+        if view.flags.c_contiguous:
+            return view
+    covered = sum(c.target.size for c in copies)
+    buf = np.zeros(shape, storage) if covered < int(np.prod(shape)) else np.empty(shape, storage)
+    for c in copies:
+        buf[c.target.slices()] = arrays[c.source_rank][c.source.slices()]
+    return buf
+
+
+Writer = Callable[[int, str, object], None]  # (target rank, name, array or str)
+
+
+def execute(
+    job: Job,
+    source: Source,
+    write: Optional[Writer],
+    *,
+    progress: Optional[Callable[[int], None]] = None,
+    warn: Optional[Callable[[str], None]] = None,
+) -> None:
+    """Move every parameter of `job`; with `write=None` only validate (a dry run reads the replicas too)."""
+    warn = warn or (lambda message: logger.warning("%s", message))
+    for move in job.moves:
+        if move.dtype == dt.STRING:
+            value = check_strings(move, source, warn)
+            if write is not None:
+                for rank in range(job.target_world):
+                    write(rank, move.name, value)
+            if progress:
+                progress(0)
+            continue
+        arrays = _Arrays(source.readers, move.name)
+        try:
+            check_replicas(move, arrays, source, warn)
+            if write is not None:
+                for rank in range(job.target_world):
+                    write(rank, move.name, assemble(move, arrays, rank))
+        finally:
+            arrays.release()
+        if progress:
+            progress(sum(move.target_nbytes(r) for r in range(job.target_world)))

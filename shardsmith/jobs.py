@@ -1,0 +1,266 @@
+"""Offline jobs on files: merge, split and reshard, from paths to a committed output.
+
+This is the Python API behind the commands: open the sources, decide the job (`engine`), write
+every target file under a temporary name, optionally read it back, write the manifest, and rename
+into place. Nothing here prints; progress and warnings go to the callbacks the caller passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import dtypes as dt
+from .engine import Job, Selection, _Arrays, assemble, execute, prepare_merge, prepare_reshard, prepare_split, same_bytes
+from .errors import ShardsmithError, ValidationError
+from .formats import FORMATS, detect_format, open_checkpoint, open_writer
+from .output import OutputFiles, atomic_output
+from .plan import Plan, load_plan
+from .rankset import Source, open_source
+
+SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
+
+
+@dataclass
+class Progress:
+    """Callbacks a caller passes to follow a job: `start(total_bytes)`, `advance(bytes)`, `warn(message)`."""
+
+    start: Callable[[int], None] = lambda total: None
+    advance: Callable[[int], None] = lambda n: None
+    warn: Callable[[str], None] = lambda message: None
+
+
+@dataclass
+class Report:
+    """What a job did (or, for a dry run, would do)."""
+
+    kind: str
+    dry_run: bool
+    target: Path
+    parameters: int
+    files: List[Dict[str, object]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    total_bytes: int = 0
+
+
+def _plan_record(plan: Plan, key: str) -> Dict[str, object]:
+    record: Dict[str, object] = {f"{key}_world_size": plan.world_size}
+    if plan.path is not None:
+        data = plan.path.read_bytes()
+        record[key] = {"path": str(plan.path), "sha256": hashlib.sha256(data).hexdigest(), "text": data.decode("utf-8", "replace")}
+    return record
+
+
+def _rank_file(rank: int, prefix: str, fmt: str) -> str:
+    return f"rank_{rank}/{prefix}{rank}{SUFFIXES[fmt]}"
+
+
+def _write_job(
+    job: Job,
+    source: Source,
+    out: OutputFiles,
+    fmt: str,
+    *,
+    prefix: str,
+    crc_check: bool,
+    progress: Progress,
+    warnings: List[str],
+) -> List[Path]:
+    """Open one writer per target rank, move every parameter, and close the writers in order."""
+    writers = []
+    paths = []
+    try:
+        for rank in range(job.target_world):
+            relative = None if not out.directory else _rank_file(rank, prefix, fmt)
+            handle = out.open(relative)
+            paths.append(out.temp / relative if relative else out.temp)
+            writers.append(open_writer(handle, job.entries(rank, source), fmt, crc_check=crc_check))
+
+        def write(rank: int, name: str, data: object) -> None:
+            writers[rank].write(name, data)
+
+        def warn(message: str) -> None:
+            warnings.append(message)
+            progress.warn(message)
+
+        execute(job, source, write, progress=progress.advance, warn=warn)
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            abort = getattr(writer, "abort", None)
+            if abort is not None:
+                abort()
+        raise
+    return paths
+
+
+def verify_written(job: Job, source: Source, paths: Sequence[Path], fmt: str) -> None:
+    """Read the written files back and compare every slice with what the layout says it must be."""
+    readers = [open_checkpoint(p, fmt) for p in paths]
+    try:
+        for move in job.moves:
+            for rank, reader in enumerate(readers):
+                if move.name not in reader:
+                    raise ValidationError("missing from the written file", path=paths[rank], param=move.name)
+                if move.dtype == dt.STRING:
+                    if reader.string(move.name) != source.readers[0].string(move.name):
+                        raise ValidationError("the written value differs from the source", path=paths[rank], param=move.name)
+                    continue
+                arrays = _Arrays(source.readers, move.name)
+                try:
+                    expected = assemble(move, arrays, rank)
+                    if not same_bytes(reader.array(move.name), expected):
+                        raise ValidationError("the written bytes differ from the source", path=paths[rank], param=move.name)
+                finally:
+                    arrays.release()
+                    reader.release(move.name)
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _finish(
+    job: Job,
+    source: Source,
+    target: Path,
+    *,
+    directory: bool,
+    fmt: str,
+    prefix: str,
+    force: bool,
+    dry_run: bool,
+    verify: bool,
+    crc_check: bool,
+    progress: Progress,
+    manifest: Dict[str, object],
+) -> Report:
+    report = Report(job.kind, dry_run, target, len(job.moves), total_bytes=job.total_bytes())
+    progress.start(report.total_bytes)
+    if dry_run:
+        from .output import check_target
+
+        check_target(target, force, directory=directory)
+
+        def warn(message: str) -> None:
+            report.warnings.append(message)
+            progress.warn(message)
+
+        execute(job, source, None, progress=progress.advance, warn=warn)
+        for rank in range(job.target_world):
+            name = _rank_file(rank, prefix, fmt) if directory else target.name
+            report.files.append({"path": name, "bytes": sum(m.target_nbytes(rank) for m in job.moves)})
+        return report
+    with atomic_output(target, directory=directory, force=force) as out:
+        paths = _write_job(job, source, out, fmt, prefix=prefix, crc_check=crc_check, progress=progress, warnings=report.warnings)
+        if verify:
+            verify_written(job, source, paths, fmt)
+        manifest = {
+            "command": job.kind,
+            "sources": [str(p) for p in source.paths],
+            "format": fmt,
+            "parameters": len(job.moves),
+            **manifest,
+        }
+        out.commit(manifest)
+        report.files = out.manifest({})["files"]
+    return report
+
+
+def _open(sources: Sequence[Path], select: Optional[str], format: Optional[str]) -> Source:
+    return open_source([Path(s) for s in sources], select, format)
+
+
+def merge(
+    sources: Sequence[Path],
+    plan: Path,
+    output: Path,
+    *,
+    selection: Selection = Selection(),
+    replicas: Optional[str] = None,
+    select: Optional[str] = None,
+    input_format: Optional[str] = None,
+    output_format: Optional[str] = None,
+    force: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    crc_check: bool = False,
+    progress: Progress = Progress(),
+) -> Report:
+    """Merge a rank set into one full checkpoint at `output`."""
+    output = Path(output)
+    fmt = detect_format(output, output_format)
+    plan_obj = load_plan(plan)
+    with _open(sources, select, input_format) as source:
+        job = prepare_merge(source, plan_obj, selection, replicas)
+        return _finish(
+            job, source, output, directory=False, fmt=fmt, prefix="", force=force, dry_run=dry_run,
+            verify=verify, crc_check=crc_check, progress=progress, manifest=_plan_record(plan_obj, "plan"),
+        )
+
+
+def split(
+    full: Path,
+    plan: Path,
+    output_dir: Path,
+    *,
+    selection: Selection = Selection(),
+    prefix: str = "checkpoint_",
+    input_format: Optional[str] = None,
+    output_format: Optional[str] = None,
+    force: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    crc_check: bool = False,
+    progress: Progress = Progress(),
+) -> Report:
+    """Split one full checkpoint into a rank set under `output_dir`."""
+    plan_obj = load_plan(plan)
+    with _open([full], None, input_format) as source:
+        fmt = _dir_format(source, output_format)
+        job = prepare_split(source, plan_obj, selection)
+        return _finish(
+            job, source, Path(output_dir), directory=True, fmt=fmt, prefix=prefix, force=force, dry_run=dry_run,
+            verify=verify, crc_check=crc_check, progress=progress, manifest=_plan_record(plan_obj, "plan"),
+        )
+
+
+def reshard(
+    sources: Sequence[Path],
+    plan: Path,
+    to_plan: Path,
+    output_dir: Path,
+    *,
+    selection: Selection = Selection(),
+    replicas: Optional[str] = None,
+    prefix: str = "checkpoint_",
+    select: Optional[str] = None,
+    input_format: Optional[str] = None,
+    output_format: Optional[str] = None,
+    force: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    crc_check: bool = False,
+    progress: Progress = Progress(),
+) -> Report:
+    """Move a rank set laid out by `plan` to the layout of `to_plan`, without a full checkpoint."""
+    plan_obj = load_plan(plan)
+    to_plan_obj = load_plan(to_plan)
+    with _open(sources, select, input_format) as source:
+        fmt = _dir_format(source, output_format)
+        job = prepare_reshard(source, plan_obj, to_plan_obj, selection, replicas)
+        manifest = {**_plan_record(plan_obj, "plan"), **_plan_record(to_plan_obj, "to_plan")}
+        return _finish(
+            job, source, Path(output_dir), directory=True, fmt=fmt, prefix=prefix, force=force, dry_run=dry_run,
+            verify=verify, crc_check=crc_check, progress=progress, manifest=manifest,
+        )
+
+
+def _dir_format(source: Source, override: Optional[str]) -> str:
+    if override is not None:
+        if override not in FORMATS:
+            raise ShardsmithError(f"unknown format '{override}' (expected one of: {', '.join(FORMATS)})")
+        return override
+    return source.readers[0].format

@@ -1,0 +1,149 @@
+"""Finding and opening the checkpoint files of a rank set, or one full checkpoint.
+
+A rank set is a directory whose `rank_<r>/` subdirectories hold one checkpoint each (the layout
+MindSpore's own tools write), or an explicit list of files in rank order. A rank directory that
+holds several checkpoints (ModelCheckpoint keeps the last few) needs `--select GLOB`: picking the
+last in alphabetical order would put step 9 after step 10.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from .errors import RankSetError
+from .formats import CheckpointReader, TensorInfo, open_checkpoint
+from .layout import Shape
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
+_RANK_DIR = re.compile(r"^rank_(\d+)$")
+
+
+def _checkpoints_in(directory: Path) -> List[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+
+
+def rank_dirs(directory: Path) -> Dict[int, Path]:
+    """Return rank -> `rank_<r>/` subdirectory, for a directory laid out as a rank set."""
+    found = {}
+    for child in directory.iterdir():
+        m = _RANK_DIR.match(child.name)
+        if m and child.is_dir():
+            found[int(m.group(1))] = child
+    return found
+
+
+def pick_checkpoint(directory: Path, select: Optional[str], rank: int) -> Path:
+    candidates = _checkpoints_in(directory)
+    if select is not None:
+        candidates = [p for p in candidates if fnmatch.fnmatchcase(p.name, select)]
+    if not candidates:
+        what = f"matching --select '{select}'" if select else "(.ckpt or .safetensors)"
+        raise RankSetError(f"rank {rank}: no checkpoint file {what}", path=directory)
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise RankSetError(
+            f"rank {rank}: {len(candidates)} checkpoints ({names})",
+            path=directory,
+            hint="Pick one per rank with --select GLOB, e.g. --select 'net-10_*.ckpt'",
+        )
+    return candidates[0]
+
+
+def resolve_paths(paths: Sequence[Path], select: Optional[str] = None) -> List[Path]:
+    """Turn the command line's PATH arguments into checkpoint files in rank order.
+
+    One directory with `rank_<r>/` subdirectories is a rank set; one directory without them must hold
+    exactly one checkpoint (or one matching --select); files are taken as given, in rank order.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise RankSetError("no checkpoint given")
+    for p in paths:
+        if not p.exists():
+            raise RankSetError("not found", path=p)
+    if len(paths) == 1 and paths[0].is_dir():
+        directory = paths[0]
+        ranks = rank_dirs(directory)
+        if not ranks:
+            return [pick_checkpoint(directory, select, 0)]
+        world = max(ranks) + 1
+        missing = [r for r in range(world) if r not in ranks]
+        if missing:
+            raise RankSetError(
+                f"rank directories are not numbered 0..{world - 1}: missing {', '.join(f'rank_{r}' for r in missing)}",
+                path=directory,
+            )
+        return [pick_checkpoint(ranks[r], select, r) for r in range(world)]
+    files = []
+    for p in paths:
+        if p.is_dir():
+            raise RankSetError(
+                "is a directory; give either one rank-set directory or the rank files in rank order", path=p
+            )
+        files.append(p)
+    return files
+
+
+class Source:
+    """The open checkpoint files of a rank set (or of one full checkpoint, world size 1)."""
+
+    def __init__(self, readers: Sequence[CheckpointReader]) -> None:
+        self.readers = list(readers)
+        self.paths = [r.path for r in self.readers]
+        self._infos: List[Dict[str, TensorInfo]] = [{info.name: info for info in r} for r in self.readers]
+        self.names: List[str] = list(self._infos[0])
+
+    @property
+    def world_size(self) -> int:
+        return len(self.readers)
+
+    def info(self, name: str, rank: int = 0) -> Optional[TensorInfo]:
+        return self._infos[rank].get(name)
+
+    def infos(self, rank: int = 0) -> Iterator[TensorInfo]:
+        return iter(self._infos[rank].values())
+
+    def missing_ranks(self, name: str) -> List[int]:
+        return [r for r, infos in enumerate(self._infos) if name not in infos]
+
+    def extra_names(self) -> Dict[int, List[str]]:
+        """Return names some rank holds that rank 0 does not, per rank."""
+        first = set(self.names)
+        return {r: [n for n in infos if n not in first] for r, infos in enumerate(self._infos) if set(infos) - first}
+
+    def slice_shapes(self, name: str) -> List[Shape]:
+        missing = self.missing_ranks(name)
+        if missing:
+            raise RankSetError(
+                f"missing from rank {', '.join(map(str, missing))} "
+                f"({', '.join(str(self.paths[r]) for r in missing)})",
+                param=name,
+            )
+        return [tuple(infos[name].shape) for infos in self._infos]
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(paths: Sequence[Path], select: Optional[str] = None, format: Optional[str] = None) -> Source:
+    """Open a rank set or a full checkpoint for reading (headers only until data is asked for)."""
+    files = resolve_paths(paths, select)
+    readers: List[CheckpointReader] = []
+    try:
+        for path in files:
+            readers.append(open_checkpoint(path, format))
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return Source(readers)

@@ -1,0 +1,111 @@
+"""Comparing two checkpoints or two rank sets: names, dtypes, shapes and bytes.
+
+By default tensors must be identical bit for bit; with a tolerance they are compared as numbers
+(`|a - b| <= atol + rtol * |b|`, NaN equal to NaN), which is what a check against a run on other
+hardware needs. One parameter is read at a time from both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from . import dtypes as dt
+from .engine import same_bytes
+from .errors import ShardsmithError
+from .rankset import Source, open_source
+
+
+@dataclass(frozen=True)
+class Difference:
+    rank: Optional[int]  # None for single checkpoints
+    name: str
+    kind: str  # "missing", "extra", "dtype", "shape", "bytes", "values", "order"
+    detail: str
+
+    def __str__(self) -> str:
+        where = f"rank {self.rank}: " if self.rank is not None else ""
+        return f"{where}{self.name}: {self.detail}"
+
+
+def _compare_tensors(a: np.ndarray, b: np.ndarray, dtype: str, rtol: Optional[float], atol: Optional[float]) -> Optional[str]:
+    if rtol is None and atol is None:
+        if same_bytes(a, b):
+            return None
+        differing = int(np.count_nonzero(a.view(f"u{a.dtype.itemsize}") != b.view(f"u{b.dtype.itemsize}"))) if a.dtype.itemsize in (1, 2, 4, 8) else -1
+        return f"bytes differ ({differing} of {a.size} elements)" if differing >= 0 else "bytes differ"
+    fa = dt.to_float64(np.ascontiguousarray(a), dtype)
+    fb = dt.to_float64(np.ascontiguousarray(b), dtype)
+    close = np.isclose(fa, fb, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=True)
+    if close.all():
+        return None
+    diff = np.abs(fa - fb)
+    diff[close] = 0
+    worst = np.unravel_index(int(np.nanargmax(diff)), diff.shape) if diff.ndim else ()
+    return (
+        f"values differ beyond rtol={rtol or 0} atol={atol or 0} in {int((~close).sum())} of {close.size} elements; "
+        f"largest difference {float(np.nanmax(diff)):.6g} at index {list(map(int, worst))}"
+    )
+
+
+def compare_files(a: Source, b: Source, rank: int, rtol: Optional[float], atol: Optional[float]) -> List[Difference]:
+    label = rank if a.world_size > 1 else None
+    ra, rb = a.readers[rank], b.readers[rank]
+    names_a = [i.name for i in ra]
+    names_b = [i.name for i in rb]
+    set_b = set(names_b)
+    diffs: List[Difference] = []
+    for name in names_a:
+        if name not in set_b:
+            diffs.append(Difference(label, name, "missing", f"only in {ra.path}"))
+    for name in names_b:
+        if name not in set(names_a):
+            diffs.append(Difference(label, name, "extra", f"only in {rb.path}"))
+    common = [n for n in names_a if n in set_b]
+    if [n for n in names_b if n in set(common)] != common:
+        diffs.append(Difference(label, "(order)", "order", "the parameters common to both are in a different order"))
+    for name in common:
+        ia, ib = ra.info(name), rb.info(name)
+        if ia.dtype != ib.dtype:
+            diffs.append(Difference(label, name, "dtype", f"{ia.dtype} vs {ib.dtype}"))
+            continue
+        if tuple(ia.shape) != tuple(ib.shape):
+            diffs.append(Difference(label, name, "shape", f"{list(ia.shape)} vs {list(ib.shape)}"))
+            continue
+        if ia.dtype == dt.STRING:
+            if ra.string(name) != rb.string(name):
+                diffs.append(Difference(label, name, "values", f"{ra.string(name)!r} vs {rb.string(name)!r}"))
+            continue
+        try:
+            detail = _compare_tensors(ra.array(name), rb.array(name), ia.dtype, rtol, atol)
+        finally:
+            ra.release(name)
+            rb.release(name)
+        if detail is not None:
+            diffs.append(Difference(label, name, "bytes" if rtol is None and atol is None else "values", detail))
+    return diffs
+
+
+def compare(
+    a: Sequence[Path],
+    b: Sequence[Path],
+    *,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    select: Optional[str] = None,
+    format: Optional[str] = None,
+) -> List[Difference]:
+    """Return every difference between two checkpoints, or two rank sets of the same world size."""
+    with open_source(a, select, format) as sa, open_source(b, select, format) as sb:
+        if sa.world_size != sb.world_size:
+            raise ShardsmithError(
+                f"cannot compare {sa.world_size} rank file(s) with {sb.world_size}; "
+                "merge both with their plans first, or reshard one to the other's layout"
+            )
+        diffs: List[Difference] = []
+        for rank in range(sa.world_size):
+            diffs.extend(compare_files(sa, sb, rank, rtol, atol))
+        return diffs
