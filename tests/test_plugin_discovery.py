@@ -9,14 +9,17 @@ is a distribution that `importlib.metadata` finds like any installed one.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import textwrap
 from importlib import metadata
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from shardsmith.errors import PlanError
-from shardsmith.plan import loads_plan
+from shardsmith.errors import LayoutError, PlanError
+from shardsmith.plan import loads_plan, resolve_full, resolve_slices
 from shardsmith.plugins import (
     BUILTIN_SOURCE,
     ENTRY_POINT_GROUP,
@@ -50,17 +53,23 @@ class {cls}(Strategy):
 """
 
 
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+
+
 @pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch):
-    """Start every test from an unset SHARDSMITH_PLUGINS and no loaded registry, and forget it after."""
+def fresh_registry(monkeypatch, tmp_path):
+    """Start every test from an unset SHARDSMITH_PLUGINS and no loaded registry, and forget it after.
+
+    Modules imported from tmp_path are dropped too, so the next test imports its own version.
+    """
     monkeypatch.delenv(PLUGINS_ENV, raising=False)
     reset_registry()
     modules_before = set(sys.modules)
     yield
     reset_registry()
-    for module in set(sys.modules) - modules_before:
-        if module.startswith("throwaway_"):
-            del sys.modules[module]
+    for name in set(sys.modules) - modules_before:
+        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(tmp_path)):
+            del sys.modules[name]
 
 
 @pytest.fixture
@@ -367,3 +376,79 @@ def test_plan_missing_strategy_lists_plugins():
 
     with pytest.raises(PlanError, match=r"installed: column, fused_qkv, grid, mirror, padded_vocab, replicate"):
         loads_plan(plan_text)
+
+
+def guide_block(language, containing):
+    """Return the one fenced `language` block of docs/plugins.md that contains `containing`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+    matching = [block for block in blocks if containing in block]
+    assert len(matching) == 1, f"docs/plugins.md has {len(matching)} {language} blocks containing {containing!r}"
+    return matching[0]
+
+
+def test_guide_entry_point_snippet():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python < 3.11 only
+        import tomli as tomllib
+
+    pyproject = tomllib.loads(guide_block("toml", "[project.entry-points.shardsmith]"))
+
+    assert pyproject["project"]["entry-points"][ENTRY_POINT_GROUP] == {"fused_gate_up": "shardsmith_fused_gate_up"}
+
+
+def test_guide_plugin_loads(site):
+    add_distribution(
+        site,
+        "shardsmith-fused-gate-up",
+        "fused_gate_up",
+        "shardsmith_fused_gate_up",
+        guide_block("python", "class FusedGateUp"),
+    )
+
+    registry = load_registry()
+
+    assert registry.broken == []
+    assert registry.source("fused_gate_up") == "shardsmith-fused-gate-up 0.1 (entry point 'fused_gate_up')"
+
+
+def test_guide_plugin_layout(site):
+    add_distribution(
+        site,
+        "shardsmith-fused-gate-up",
+        "fused_gate_up",
+        "shardsmith_fused_gate_up",
+        guide_block("python", "class FusedGateUp"),
+    )
+    registry = load_registry()
+    plan = loads_plan('world_size = 4\n[[param]]\nmatch = "w"\nstrategy = "fused_gate_up"\nparts = 2\n', registry=registry)
+
+    layout = resolve_full(plan, ["w"], {"w": "Float32"}, {"w": (8, 3)}, registry=registry)["w"].layout
+
+    # Gate is rows 0-3 and up rows 4-7; part 1 (ranks 1 and 3) holds gate rows 2-3 and up rows 6-7.
+    assert layout.slice_shapes == ((4, 3),) * 4
+    for rank in (1, 3):
+        assert [(p.full.start[0], p.full.stop[0]) for p in layout.pieces[rank]] == [(2, 4), (6, 8)]
+        assert [(p.local.start[0], p.local.stop[0]) for p in layout.pieces[rank]] == [(0, 2), (2, 4)]
+    merged = resolve_slices(plan, ["w"], {"w": "Float32"}, {"w": [(4, 3)] * 4}, registry=registry)["w"]
+    assert merged.full_shape == (8, 3)
+    with pytest.raises(LayoutError, match="dim 0 of size 6 does not split into 2 halves of 2 blocks each"):
+        resolve_full(plan, ["w"], {"w": "Float32"}, {"w": (6, 3)}, registry=registry)
+
+
+def test_guide_testing_snippet(site):
+    add_distribution(
+        site,
+        "shardsmith-fused-gate-up",
+        "fused_gate_up",
+        "shardsmith_fused_gate_up",
+        guide_block("python", "class FusedGateUp"),
+    )
+    namespace = {}
+
+    exec(guide_block("python", "load_registry(entry_points=False)"), namespace)
+    exec(guide_block("python", "def split_by_layout"), namespace)
+
+    full = np.arange(16, dtype=np.float32).reshape(8, 2)
+    slices = namespace["split_by_layout"](full, namespace["layout"])
+    np.testing.assert_array_equal(slices[1], full[[2, 3, 6, 7]])
