@@ -397,6 +397,60 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+@errors_to_exit
+def plan(
+    sources: List[Path] = PATHS,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to save the plan (TOML)."),
+    existing: Optional[Path] = typer.Option(None, "--plan", "-p", help="Open this plan to edit it."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", "-n", min=1, help="World size to plan a split of a full checkpoint for."),
+    auto: bool = typer.Option(False, "--auto", help="Infer the plan without a screen and print how sure each choice is."),
+    like: Optional[Path] = typer.Option(None, "--like", help="A full checkpoint of the same network: the full shapes for --auto."),
+    leave_undecided_replicated: bool = typer.Option(False, "--leave-undecided-replicated", help="With --auto, write parameters it cannot decide as replicated instead of failing."),
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    json_output: bool = JSON_OUT,
+    force: bool = FORCE,
+) -> None:
+    """Assign a layout strategy to every parameter, in a full-screen app or with --auto."""
+    from .tui.command import plan_command
+
+    code = plan_command(
+        sources=sources, output=output, plan=existing, world_size=world_size, auto=auto, like=like,
+        leave_undecided_replicated=leave_undecided_replicated, select=select, format=input_format,
+        json_output=json_output, force=force,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@errors_to_exit
+def gather(
+    sources: List[Path] = PATHS,
+    plan: Path = PLAN,
+    output: Path = typer.Option(..., "--output", "-o", help="The full checkpoint rank 0 writes."),
+    include: List[str] = INCLUDE,
+    exclude: List[str] = EXCLUDE,
+    weights_only: bool = WEIGHTS_ONLY,
+    replicas: Optional[str] = REPLICAS,
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    output_format: Optional[str] = OUT_FORMAT,
+    force: bool = FORCE,
+) -> None:
+    """Under msrun: each worker reads its own rank's file, AllGathers, rank 0 writes the full checkpoint."""
+    from .online.gather import run_gather
+
+    _check_replicas_option(replicas)
+    code = run_gather(
+        sources, plan, output, select=select, input_format=input_format, output_format=output_format, force=force,
+        selection=_selection(include, exclude, weights_only), replicas=replicas,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -70,7 +70,7 @@ def inspect_paths(
     compare_bytes: bool = False,
 ) -> InspectReport:
     """Read the headers of a checkpoint or a rank set and describe every parameter."""
-    with open_source(paths, select, format) as source:
+    with open_source(paths, select, format, verify_crc=False) as source:
         report = InspectReport(list(source.paths), source.world_size, [r.format for r in source.readers])
         if source.world_size == 1:
             for info in source.infos():

@@ -135,13 +135,18 @@ class Source:
         self.close()
 
 
-def open_source(paths: Sequence[Path], select: Optional[str] = None, format: Optional[str] = None) -> Source:
-    """Open a rank set or a full checkpoint for reading (headers only until data is asked for)."""
+def open_source(
+    paths: Sequence[Path], select: Optional[str] = None, format: Optional[str] = None, *, verify_crc: bool = True
+) -> Source:
+    """Open a rank set or a full checkpoint for reading (headers only until data is asked for).
+
+    A `.ckpt` file with a crc_num trailer is read once whole to check it unless `verify_crc` is false.
+    """
     files = resolve_paths(paths, select)
     readers: List[CheckpointReader] = []
     try:
         for path in files:
-            readers.append(open_checkpoint(path, format))
+            readers.append(open_checkpoint(path, format, verify_crc=verify_crc))
     except BaseException:
         for reader in readers:
             reader.close()
