@@ -75,7 +75,9 @@ class Option:
             and all(_is_int(x) or (isinstance(x, (list, tuple)) and all(_is_int(y) for y in x)) for x in v),
         }[self.type]
         if not ok(value):
-            raise ValueError(f"expected a {self.type_name()}, got {value!r}")
+            name = self.type_name()
+            article = "an" if name[0] in "aeiou" else "a"
+            raise ValueError(f"expected {article} {name}, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"expected one of {', '.join(map(repr, self.choices))}, got {value!r}")
         if self.minimum is not None:
