@@ -8,6 +8,7 @@ is a distribution that `importlib.metadata` finds like any installed one.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from shardsmith.cli import app
 from shardsmith.errors import LayoutError, PlanError
 from shardsmith.plan import loads_plan, resolve_full, resolve_slices
 from shardsmith.plugins import (
@@ -376,6 +379,38 @@ def test_plan_missing_strategy_lists_plugins():
 
     with pytest.raises(PlanError, match=r"installed: column, fused_qkv, grid, mirror, padded_vocab, replicate"):
         loads_plan(plan_text)
+
+
+def test_strategies_command_lists_sources(site):
+    add_distribution(site, "shardsmith-broken-import", "broken_import", "throwaway_broken_cli", "raise ValueError('bad')\n")
+
+    result = CliRunner().invoke(app, ["strategies", "--json"])
+
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.stdout)
+    sources = {row["name"]: row["source"] for row in listing["strategies"]}
+    assert sources["fused_qkv"] == f"shardsmith-fused-qkv {metadata.version('shardsmith-fused-qkv')} (entry point 'fused_qkv')"
+    assert sources["row"] == BUILTIN_SOURCE
+    assert listing["broken_plugins"] == [
+        {
+            "entry_point": "broken_import",
+            "distribution": "shardsmith-broken-import 0.1",
+            "cause": "import failed: ValueError: bad",
+        }
+    ]
+    options = {row["name"]: [option["name"] for option in row["options"]] for row in listing["strategies"]}
+    assert options["fused_qkv"] == ["heads", "query_heads", "kv_groups", "parts"]
+    assert options["padded_vocab"] == ["vocab_size", "keep_padding", "parts"]
+
+
+def test_strategies_command_warns_on_stderr(site):
+    add_distribution(site, "shardsmith-broken-import", "broken_import", "throwaway_broken_warn", "raise ValueError('bad')\n")
+
+    result = CliRunner().invoke(app, ["strategies"])
+
+    assert result.exit_code == 0, result.output
+    assert "plugin 'broken_import' from shardsmith-broken-import 0.1 was skipped" in result.stderr
+    assert "broken_import" not in result.stdout
 
 
 def guide_block(language, containing):
