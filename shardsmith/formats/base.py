@@ -32,6 +32,10 @@ MAX_NDIM = 32
 
 _PAGE_SIZE = mmap.PAGESIZE
 
+# numpy's limit on an array's size in bytes, counted over its non-zero dims (npy_intp on 64-bit
+# platforms).
+MAX_ARRAY_BYTES = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -101,6 +105,15 @@ def check_tensor_header(
     for dim in shape:
         if dim < 0:
             raise CheckpointFormatError(f"has a negative dim in shape {list(shape)}", path=path, param=name)
+    # numpy refuses a shape whose non-zero dims times the itemsize pass its byte limit even when
+    # another dim is 0 and the content is empty, so such a record could be indexed but never read.
+    extent = dtypes.itemsize(dtype) if dtype != dtypes.STRING else 1
+    for dim in shape:
+        extent *= max(int(dim), 1)
+    if extent > MAX_ARRAY_BYTES:
+        raise CheckpointFormatError(
+            f"shape {list(shape)} is too large for any array (more than 2**63 bytes)", path=path, param=name
+        )
     if dtype == dtypes.STRING:
         if nbytes % 4:
             raise CheckpointFormatError(
@@ -370,6 +383,8 @@ class CheckpointWriter:
                 )
             self._write_string(info, content)
         else:
+            if isinstance(data, np.generic):
+                data = np.asarray(data)
             if not isinstance(data, np.ndarray):
                 raise self._error(f"expected a numpy array, got {type(data).__name__}", param=name)
             if data.dtype != info.storage_dtype:
