@@ -354,12 +354,17 @@ def inspect(
         row = [p.name, p.dtype, shape]
         if report.is_rank_set:
             row.append(_rank_shapes_text(p.rank_shapes))
-            layout = p.layout or "?"
-            row.append(layout if p.layout_certain else f"[yellow]{layout}?[/]" if p.layout else "?")
+            row.append(_layout_text(p.layout, p.layout_certain))
         row.append(decimal(p.nbytes))
         table.add_row(*row)
     stdout.print(table)
     stdout.print(f"total {decimal(total)}", highlight=False)
+
+
+def _layout_text(layout: Optional[str], certain: Optional[bool]) -> str:
+    if not layout or layout == "?":
+        return "[yellow]?[/]"
+    return layout if certain else f"[yellow]{layout} (guess)[/]"
 
 
 def _rank_shapes_text(shapes: Optional[List[Any]]) -> str:

@@ -82,7 +82,7 @@ def inspect_paths(
         except ImportError:  # pragma: no cover - infer ships with the package
             infer_layouts = None
         if infer_layouts is not None:
-            inferred = infer_layouts(source, like=like, compare_bytes=compare_bytes)
+            inferred = infer_layouts(source, like=like, **({"compare_bytes": True} if compare_bytes else {}))
         for info in source.infos():
             rank_shapes = [
                 tuple(source.info(info.name, r).shape) if source.info(info.name, r) is not None else None
