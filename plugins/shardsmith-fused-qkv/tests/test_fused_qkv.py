@@ -161,6 +161,26 @@ def test_optimizer_states_follow_weight(registry):
             assert state.layout.slice_shapes == layouts[parameter].layout.slice_shapes
 
 
+def test_adafactor_states_follow_weight(registry):
+    # AdaFactor's factored second moment of a [12, 2] weight: one entry per row, one per column,
+    # and a (1,) placeholder. The plan's glob does not match them, so `mirror` lays them out.
+    weight = checkpoint()[WEIGHT]
+    tensors = {
+        WEIGHT: weight,
+        "exp_avg_sq_row_" + WEIGHT: np.arange(12, dtype=np.float32),
+        "exp_avg_sq_col_" + WEIGHT: np.arange(2, dtype=np.float32),
+        "exp_avg_sq_" + WEIGHT: np.zeros(1, dtype=np.float32),
+    }
+
+    ranks = split_checkpoint(plan(registry, 2), tensors, registry)
+    merged = merge_checkpoint(plan(registry, 2), ranks, registry)
+
+    np.testing.assert_array_equal(ranks[1]["exp_avg_sq_row_" + WEIGHT], np.array([2, 3, 6, 7, 10, 11], dtype=np.float32))
+    np.testing.assert_array_equal(ranks[1]["exp_avg_sq_col_" + WEIGHT], tensors["exp_avg_sq_col_" + WEIGHT])
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(merged[name], tensor, err_msg=name)
+
+
 def test_split_to_four_ranks_names_parameter(registry):
     with pytest.raises(LayoutError) as info:
         resolve_checkpoint(plan(registry, 4), checkpoint(), registry)

@@ -7,6 +7,8 @@ oracle on both sides. The strategy is found through the installed entry point.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -186,3 +188,34 @@ def test_reshard_grouped_query_to_row(tmp_path):
     for rank in range(2):
         slices = load(tmp_path / "rows" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt")
         np.testing.assert_array_equal(slices[WEIGHT], full[WEIGHT][rank * 8 : (rank + 1) * 8])
+
+
+def test_split_to_safetensors(tmp_path):
+    full = canonical()
+    save(full, tmp_path / "full.ckpt")
+    plan = write_plan(tmp_path / "plan.toml", 2)
+
+    result = run(
+        "split", tmp_path / "full.ckpt", "--plan", plan, "-o", tmp_path / "ranks", "--format", "safetensors", "--quiet"
+    )
+
+    assert result.exit_code == 0, result.output
+    for rank in range(2):
+        path = tmp_path / "ranks" / f"rank_{rank}" / f"checkpoint_{rank}.safetensors"
+        slices = {name: p.asnumpy() for name, p in ms.load_checkpoint(str(path), format="safetensors").items()}
+        rows = head_rows(rank, 2, heads=2, head_dim=2)
+        assert slices[WEIGHT].tobytes() == full[WEIGHT][rows].tobytes()
+        assert slices[BIAS].tobytes() == full[BIAS][rows].tobytes()
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    save_rank_set(tmp_path / "ranks", 2, heads=2)
+    plan = write_plan(tmp_path / "plan.toml", 2)
+
+    result = run("merge", tmp_path / "ranks", "--plan", plan, "-o", tmp_path / "full.ckpt", "--dry-run", "--json")
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is True
+    assert report["parameters"] == len(canonical())
+    assert not (tmp_path / "full.ckpt").exists()

@@ -55,8 +55,8 @@ class FusedQKV(Strategy):
         elif query_heads is not None and kv_groups is not None:
             if query_heads % kv_groups:
                 raise PlanError(
-                    f"strategy 'fused_qkv': query_heads {query_heads} is not a multiple of kv_groups {kv_groups}; "
-                    "in grouped-query attention every key/value head serves the same number of query heads"
+                    f"strategy 'fused_qkv': query_heads {query_heads} is not a multiple of kv_groups {kv_groups}, "
+                    "but in grouped-query attention every key/value head serves the same number of query heads"
                 )
             self.query_heads, self.kv_heads = query_heads, kv_groups
         else:
@@ -74,7 +74,11 @@ class FusedQKV(Strategy):
         return [("query", self.query_heads), ("key", self.kv_heads), ("value", self.kv_heads)]
 
     def _check_heads(self, parts: int, world_size: int, name: str) -> None:
-        """Raise LayoutError unless every rank gets whole heads of Q, K and V."""
+        """Raise LayoutError unless every rank gets whole heads of Q, K and V.
+
+        NOTE: more ranks than KV groups is rejected, although some frameworks then replicate each
+        key/value head over several ranks; that layout is not implemented.
+        """
         if self._grouped:
             counts = [(self.query_heads, "query heads", "query_heads"), (self.kv_heads, "KV groups", "kv_groups")]
         else:
@@ -134,6 +138,7 @@ class FusedQKV(Strategy):
                     f"strategy 'fused_qkv' gives every rank the same slice shape, but rank 0 holds "
                     f"{list(first)} and rank {rank} holds {list(shape)}",
                     param=ctx.name,
+                    hint="Check that the plan gives this parameter the strategy it was trained with",
                 )
         parts = parts_or_world(self.values["parts"], world_size, ctx.name)
         self._check_heads(parts, world_size, ctx.name)

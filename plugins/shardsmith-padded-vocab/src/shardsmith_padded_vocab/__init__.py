@@ -1,9 +1,9 @@
 """`padded_vocab`: a row split of an embedding whose vocabulary is padded to the part count.
 
 Vocabulary-parallel embeddings and LM heads split the vocabulary dimension (dim 0) into equal
-blocks, so a vocabulary that does not divide by the part count is padded with extra rows up to
-the next multiple: `vocab_size` 10 over 4 parts gives 12 rows, 3 per rank, and the last 2 rows
-of rank 3 are padding. The layout covers only the real rows; the padding rows of a slice are
+blocks. A vocabulary that does not divide by the part count is therefore padded with extra rows
+up to the next multiple. With `vocab_size` 10 over 4 parts that is 12 rows, 3 per rank, and the
+last 2 rows of rank 3 are padding. The layout covers only the real rows; the padding rows of a slice are
 covered by no piece, so split writes zeros there and merge ignores them. Optimizer states that
 `mirror` the embedding get the same layout, so they are padded and stripped identically.
 """
@@ -91,9 +91,9 @@ class PaddedVocab(Strategy):
         padded = padded_rows(vocab_size, parts)
         total = sum(shape[0] for shape in slice_shapes[:parts] if len(shape) >= 1)
         if total != padded:
-            held = "the slice of rank 0 has" if parts == 1 else f"the slices of ranks 0-{parts - 1} add up to"
+            slices_label = "the slice of rank 0 has" if parts == 1 else f"the slices of ranks 0-{parts - 1} add up to"
             raise LayoutError(
-                self._padding_message(held, total, parts),
+                self._padding_message(slices_label, total, parts),
                 param=ctx.name,
                 hint="Check 'vocab_size' and 'parts' against the model's configuration",
             )
@@ -103,6 +103,7 @@ class PaddedVocab(Strategy):
                     f"strategy 'padded_vocab' gives every rank the same slice shape, but rank 0 holds "
                     f"{list(first)} and rank {rank} holds {list(shape)}",
                     param=ctx.name,
+                    hint="Check that the plan gives this parameter the strategy it was trained with",
                 )
         rows = padded if self.values["keep_padding"] else vocab_size
         return (rows,) + first[1:]
