@@ -199,3 +199,45 @@ def test_reshard_to_row_plan(tmp_path):
     for rank in range(2):
         slices = load(rank_file(tmp_path / "two", rank))
         np.testing.assert_array_equal(slices[EMBEDDING], full[EMBEDDING][rank * 5 : (rank + 1) * 5])
+
+
+def test_padding_only_ranks_not_compared(tmp_path):
+    # vocab 5 over 4 parts pads to 8 rows, 2 a rank, so part 3 is all padding. With world size 8,
+    # ranks 3 and 7 both hold part 3: their different padding values are not copies to check,
+    # while ranks 0-2 and 4-6 are, and hold the same rows.
+    table = np.arange(5 * HIDDEN, dtype=np.float32).reshape(5, HIDDEN)
+    rows = padded(table, 8, 0)
+    for rank in range(8):
+        part = rows[rank % 4 * 2 : rank % 4 * 2 + 2].copy()
+        if rank % 4 == 3:
+            part[:] = -rank
+        elif rank % 4 == 2:
+            part[1] = -rank  # row 5 is padding too
+        save({EMBEDDING: part}, rank_file(tmp_path / "ranks", rank))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'world_size = 8\n\n[[param]]\nmatch = "{EMBEDDING}"\nstrategy = "padded_vocab"\nvocab_size = 5\nparts = 4\n')
+
+    result = run("merge", tmp_path / "ranks", "--plan", plan, "-o", tmp_path / "full.ckpt", "--quiet")
+
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.stderr
+    assert load(tmp_path / "full.ckpt")[EMBEDDING].tobytes() == table.tobytes()
+
+
+def test_differing_copies_rejected(tmp_path):
+    # The real rows of data-parallel copies are still checked.
+    table = np.arange(5 * HIDDEN, dtype=np.float32).reshape(5, HIDDEN)
+    rows = padded(table, 8, 0)
+    for rank in range(8):
+        part = rows[rank % 4 * 2 : rank % 4 * 2 + 2].copy()
+        if rank == 5:
+            part[0, 0] += 1
+        save({EMBEDDING: part}, rank_file(tmp_path / "ranks", rank))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'world_size = 8\n\n[[param]]\nmatch = "{EMBEDDING}"\nstrategy = "padded_vocab"\nvocab_size = 5\nparts = 4\n')
+
+    result = run("merge", tmp_path / "ranks", "--plan", plan, "-o", tmp_path / "full.ckpt", "--quiet")
+
+    assert result.exit_code != 0
+    assert "copies that should be identical differ: rank 1 and rank 5" in result.stderr
+    assert not (tmp_path / "full.ckpt").exists()
