@@ -48,7 +48,7 @@ def _random(dtype: str, shape) -> np.ndarray:
 
 def _to_mindspore(dtype: str, array: np.ndarray) -> Tensor:
     if dtype == "BFloat16":
-        as_float = (array.astype(np.uint32) << 16).view(np.float32)
+        as_float = (np.asarray(array, np.uint32) << np.uint32(16)).view(np.float32)
         return Tensor(as_float, dtype=mstype.bfloat16)
     if dtype == "Int4":
         return Tensor(array, dtype=mstype.qint4x2)
@@ -527,8 +527,16 @@ def test_negative_dim(tmp_path):
 
 
 def test_absurd_dims(tmp_path):
-    path = _write(tmp_path, record_header(b"w", [1 << 40, 1 << 40], b"Float32", 4) + bytes(4))
-    assert "content is 4 bytes but shape [1099511627776, 1099511627776] of Float32 needs" in _error_of(path)
+    path = _write(tmp_path, record_header(b"w", [1 << 20, 1 << 20], b"Float32", 4) + bytes(4))
+    assert "content is 4 bytes but shape [1048576, 1048576] of Float32 needs 4398046511104" in _error_of(path)
+
+
+def test_dims_past_any_array_size(tmp_path):
+    path = _write(tmp_path, record_header(b"w", [1 << 40, 0, 1 << 40], b"Float32", 0))
+    assert _error_of(path) == (
+        f"{path}: parameter 'w': shape [1099511627776, 0, 1099511627776] is too large for any array "
+        "(more than 2**63 bytes)"
+    )
 
 
 def test_too_many_dims(tmp_path):

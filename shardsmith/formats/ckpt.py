@@ -110,6 +110,13 @@ class _Wire:
             if shift >= 70:
                 raise _WireError("a varint is longer than 10 bytes", start)
 
+    def key(self, position: int, end: int) -> Tuple[int, int, int]:
+        """Read a field key; return the field number, the wire type and the next position."""
+        key, next_position = self.varint(position, end)
+        if key >> 3 == 0:
+            raise _WireError("invalid protobuf field number 0", position)
+        return key >> 3, key & 7, next_position
+
     def length_delimited(self, position: int, end: int) -> Tuple[int, int]:
         """Read a length prefix; return the span's start and end."""
         start = position
@@ -169,8 +176,7 @@ class CkptReader(CheckpointReader):
         while position < records_end:
             record_start = position
             try:
-                key, position = wire.varint(position, records_end)
-                field, wire_type = key >> 3, key & 7
+                field, wire_type, position = wire.key(position, records_end)
                 if field != 1 or wire_type != _LENGTH_DELIMITED:
                     position = wire.skip(wire_type, position, records_end)
                     continue
@@ -212,8 +218,7 @@ class CkptReader(CheckpointReader):
         position = start
         try:
             while position < end:
-                key, position = wire.varint(position, end)
-                field, wire_type = key >> 3, key & 7
+                field, wire_type, position = wire.key(position, end)
                 if wire_type != _LENGTH_DELIMITED or field not in (1, 2, 3):
                     position = wire.skip(wire_type, position, end)
                     continue
@@ -251,8 +256,7 @@ class CkptReader(CheckpointReader):
         position = start
         dims = record.dims
         while position < end:
-            key, position = wire.varint(position, end)
-            field, wire_type = key >> 3, key & 7
+            field, wire_type, position = wire.key(position, end)
             if field == 1 and wire_type == _VARINT:
                 dim, position = wire.varint(position, end)
                 dims.append(_signed64(dim))

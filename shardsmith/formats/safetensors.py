@@ -5,12 +5,13 @@ A file is an 8-byte little-endian header size, a JSON header padded with spaces 
 through ``safetensors.numpy.save_file`` with ``__metadata__`` ``{"format": "ms"}``, plus
 ``{name: "Int4"}`` for each qint4x2 tensor (stored as I8) and, with ``crc_check=True``,
 ``"crc_num"``: the decimal CRC-32 of each tensor's UTF-8 name followed by its bytes, over the
-tensors in sorted name order. It lays the data out by dtype alignment, then name, and cannot save
-str values (numpy's ``<U`` type has no safetensors dtype) or, with numpy 2.x, BFloat16.
+tensors in sorted name order. It lays the data out by the safetensors dtype (widest first), then
+name, and cannot save str values (numpy's ``<U`` type has no safetensors dtype). It saves and
+loads BF16 through its own numpy bfloat16 type, which MindSpore 2.10 provides only under numpy 1.x.
 
 MindSpore's loader (``mindspore/parallel/transform_safetensors.py``) requires the header's
 tensors in data order, contiguous from offset 0 to the end of the file. It does not require the
-alignment order, so this writer lays the data out in the order of its entries.
+dtype order, so this writer lays the data out in the order of its entries.
 """
 
 from __future__ import annotations
