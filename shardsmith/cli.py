@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -300,19 +301,15 @@ def strategies(json_output: bool = JSON_OUT) -> None:
         broken = [{"entry_point": b.entry_point, "distribution": b.distribution, "cause": b.cause} for b in registry.broken]
         stdout.print_json(json.dumps({"strategies": rows, "broken_plugins": broken}))
         return
-    table = Table(show_header=True, header_style="bold", show_lines=True)
+    table = Table(show_header=True, header_style="bold", show_lines=True, expand=True)
     table.add_column("strategy", style="bold cyan", no_wrap=True)
-    table.add_column("options")
-    table.add_column("description")
-    table.add_column("from")
+    table.add_column("options", ratio=2)
+    table.add_column("description", ratio=4)
+    table.add_column("from", ratio=2)
     for row in rows:
-        opts = "\n".join(
-            f"{o['name']}: {o['type']}" + ("" if o["required"] else f" = {o['default']!r}") for o in row["options"]
-        )
-        table.add_row(row["name"], opts or "-", row["description"], row["source"])
+        opts = "\n".join(f"{o['name']}: {o['type']}{_default_text(o)}" for o in row["options"])
+        table.add_row(escape(row["name"]), escape(opts) or "-", escape(row["description"]), escape(row["source"]))
     stdout.print(table)
-    for broken in registry.broken:
-        stderr.print(f"[yellow]Warning:[/] {broken}", highlight=False)
 
 
 @app.command()
@@ -454,6 +451,12 @@ def gather(
     )
     if code:
         raise typer.Exit(code)
+
+
+def _default_text(option: dict) -> str:
+    if option["required"]:
+        return ""
+    return " (optional)" if option["default"] is None else f" = {option['default']!r}"
 
 
 def main() -> None:

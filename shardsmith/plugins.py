@@ -156,7 +156,17 @@ def load_registry(builtins: Sequence[str] = DEFAULT_PLUGINS, *, entry_points: bo
             raise PluginError(f"built-in strategy module {module_name} is broken: {cause}")
     if not entry_points:
         return registry
-    for ep in _entry_points():
+    found = _entry_points()
+    wanted = os.environ.get(PLUGINS_ENV)
+    if wanted:
+        known = {ep.name for ep in found}
+        for name in (part.strip() for part in wanted.split(",")):
+            if name and name not in known:
+                logger.warning(
+                    "%s names plugin '%s', which is not installed (installed: %s)",
+                    PLUGINS_ENV, name, ", ".join(sorted(known)) or "none",
+                )
+    for ep in found:
         if not _selected(ep.name):
             continue
         dist = _distribution(ep)
@@ -166,13 +176,17 @@ def load_registry(builtins: Sequence[str] = DEFAULT_PLUGINS, *, entry_points: bo
             registry.broken.append(BrokenPlugin(ep.name, dist, f"import failed: {type(exc).__name__}: {exc}"))
             continue
         source = f"{dist} (entry point '{ep.name}')"
+        before = len(registry.names())
         cause = _register_from(pm, plugin, registry, source, f"ep:{ep.name}")
         if cause is None:
             try:
                 pm.check_pending()
             except pluggy.PluginValidationError as exc:
-                cause = f"unknown hook: {exc}"
+                cause = f"{exc}; the hook is named 'register_strategies'"
                 pm.unregister(plugin)
+        if cause is None and len(registry.names()) == before:
+            cause = "registered no strategies (is register_strategies decorated with shardsmith.hookspecs.hookimpl?)"
+            pm.unregister(plugin)
         if cause is not None:
             registry.broken.append(BrokenPlugin(ep.name, dist, cause))
     for broken in registry.broken:

@@ -225,7 +225,8 @@ def register_strategy(register):
 
     broken = broken_by_name(registry)["typo"]
     assert broken.distribution == "shardsmith-typo 0.1"
-    assert broken.cause.startswith("unknown hook: ")
+    assert broken.cause.startswith("unknown hook")
+    assert "the hook is named 'register_strategies'" in broken.cause
     assert "register_strategy" in broken.cause
     assert "typo" not in registry
 
