@@ -7,7 +7,7 @@ exact bytes. No value is ever cast on the way:
 - ``BFloat16`` is stored as raw little-endian 16-bit words (``<u2``) because numpy has no
   bfloat16 type, and a trip through float32 would have to be rounded back.
 - ``Bool`` is stored as numpy ``?`` (one byte per element).
-- ``Int4`` is MindSpore's ``qint4x2``: each element is one byte that holds two 4-bit integers.
+- ``Int4`` is MindSpore's ``qint4x2``: each element is one byte that contains two 4-bit integers.
   MindSpore 2.10 records the dims of such a tensor in bytes (a ``Tensor`` of dtype qint4x2 built
   from an int8 array of shape (2, 4) saves as dims [2, 4], 8 bytes of content), so the storage
   array is int8 with the recorded shape. The pairs are packed along the last dim: splitting that
@@ -93,7 +93,7 @@ def get(dtype: str) -> DType:
 
 
 def storage_dtype(dtype: str) -> np.dtype:
-    """Return the numpy dtype that holds the content of a ``dtype`` tensor byte for byte."""
+    """Return the numpy dtype that stores the content of a ``dtype`` tensor byte for byte."""
     return get(dtype).storage
 
 
@@ -106,9 +106,9 @@ def storage_shape(dtype: str, shape: Sequence[int]) -> Tuple[int, ...]:
     """Return the shape of the storage array for a tensor of recorded ``shape``.
 
     It is the recorded shape for every dtype, Int4 included, because MindSpore counts an Int4
-    tensor's dims in packed bytes. A split along any dim of the storage array is therefore a
-    split of whole bytes; whether it is also a valid split of the logical tensor is what
-    :func:`packed_last_dim` tells.
+    tensor's dims in packed bytes. A split along any dim of the storage array therefore moves
+    whole bytes. :func:`packed_last_dim` tells whether it is also a valid split of the logical
+    tensor.
     """
     get(dtype)
     return tuple(int(dim) for dim in shape)
@@ -154,8 +154,8 @@ def to_float64(array: np.ndarray, dtype: str) -> np.ndarray:
 
     BFloat16 words become the upper half of a float32, which is exact. Int4 bytes are unpacked
     into two signed values each, low nibble first, so the last dim doubles.
-    NOTE: the nibble order follows the common qint4x2 convention; it has not been checked
-    against a MindSpore kernel, which only matters when comparing against unpacked values.
+    NOTE: the nibble order follows the common qint4x2 convention and is unchecked against a
+    MindSpore kernel. It matters only when comparing against values unpacked elsewhere.
     """
     if dtype == STRING:
         raise TypeError("a str entry has no numeric value")

@@ -596,14 +596,14 @@ def test_record_without_name(tmp_path):
 
 
 def test_record_without_tensor(tmp_path):
-    assert "holds no tensor" in _error_of(_write(tmp_path, _value(b"w")))
+    assert "contains no tensor" in _error_of(_write(tmp_path, _value(b"w")))
 
 
 def test_parameter_repeated_later(tmp_path):
     one = record_header(b"a", [1], b"Int8", 1) + b"\x01"
     other = record_header(b"b", [1], b"Int8", 1) + b"\x02"
     path = _write(tmp_path, one + other + one)
-    assert "parameter 'a': appears again at byte" in _error_of(path)
+    assert "parameter 'a': is repeated at byte" in _error_of(path)
 
 
 def test_pieces_that_disagree(tmp_path):
@@ -625,7 +625,7 @@ def test_invalid_utf32_string(tmp_path):
 
 
 def test_only_unknown_fields(tmp_path):
-    assert "holds no parameter records" in _error_of(_write(tmp_path, b"\x10\x01\x18\x02"))
+    assert "contains no parameter records" in _error_of(_write(tmp_path, b"\x10\x01\x18\x02"))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

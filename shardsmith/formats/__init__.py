@@ -74,8 +74,8 @@ def open_writer(
 ) -> CheckpointWriter:
     """Open a writer for ``entries`` in ``format`` on a path or a binary file object.
 
-    The caller writes every entry in order and closes the writer (or leaves its ``with`` block);
-    writing to a temporary name and renaming it into place is the caller's part.
+    The caller writes every entry in order, then closes the writer or leaves its ``with`` block.
+    Writing to a temporary name and renaming it into place is also up to the caller.
     """
     path = target if isinstance(target, (str, os.PathLike)) else None
     codec = _CODECS[_check_format(format, path)]

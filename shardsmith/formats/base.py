@@ -2,8 +2,8 @@
 sequential writer.
 
 A reader indexes a file once when it opens (headers only) and then hands out each tensor's
-content as a numpy view of the mapping, so the only memory a parameter costs is the pages it
-touches, which :meth:`CheckpointReader.release` drops again. A writer streams records in the
+content as a numpy view of the mapping. A parameter costs only the pages it touches, and
+:meth:`CheckpointReader.release` drops those again. A writer streams records in the
 order it was given and never holds more than one bounded chunk of a tensor beyond what the
 caller passed in.
 """
@@ -94,10 +94,11 @@ def check_tensor_header(
     """Raise CheckpointFormatError unless dtype, shape and content size agree."""
     if not dtypes.is_known(dtype):
         raise CheckpointFormatError(
-            f"unknown dtype {dtype!r}; MindSpore checkpoints hold {', '.join(dtypes.DTYPE_NAMES)}",
+            f"unknown dtype {dtype!r}; MindSpore checkpoints contain {', '.join(dtypes.DTYPE_NAMES)}",
             path=path,
             param=name,
         )
+
     if len(shape) > MAX_NDIM:
         raise CheckpointFormatError(
             f"has {len(shape)} dims, more than the {MAX_NDIM} a tensor can have", path=path, param=name
@@ -105,6 +106,7 @@ def check_tensor_header(
     for dim in shape:
         if dim < 0:
             raise CheckpointFormatError(f"has a negative dim in shape {list(shape)}", path=path, param=name)
+
     # numpy refuses a shape whose non-zero dims times the itemsize pass its byte limit even when
     # another dim is 0 and the content is empty, so such a record could be indexed but never read.
     extent = dtypes.itemsize(dtype) if dtype != dtypes.STRING else 1
@@ -114,6 +116,7 @@ def check_tensor_header(
         raise CheckpointFormatError(
             f"shape {list(shape)} is too large for any array (more than 2**63 bytes)", path=path, param=name
         )
+
     if dtype == dtypes.STRING:
         if nbytes % 4:
             raise CheckpointFormatError(
@@ -122,6 +125,7 @@ def check_tensor_header(
                 param=name,
             )
         return
+
     expected = dtypes.expected_nbytes(dtype, shape)
     if expected != nbytes:
         raise CheckpointFormatError(
@@ -133,7 +137,7 @@ def check_tensor_header(
 
 @dataclass
 class _Entry:
-    """Where one tensor's content lies in the mapping: one span per record."""
+    """Location of one tensor's content in the mapping, one span per record."""
 
     info: TensorInfo
     content: List[Tuple[int, int]]  # (offset, length) of each piece, in order
@@ -216,8 +220,8 @@ class CheckpointReader:
     def array(self, name: str) -> np.ndarray:
         """Return the content of tensor ``name`` as a read-only array in storage dtype and shape.
 
-        A tensor stored in one piece is a zero-copy view of the mapping (possibly unaligned);
-        one stored in several records is joined into a new array.
+        A tensor stored in one piece is a zero-copy view of the mapping, possibly unaligned.
+        A tensor stored in several records is joined into a new array.
         """
         entry = self._entry(name)
         info = entry.info
@@ -254,7 +258,7 @@ class CheckpointReader:
         """Drop the pages of ``name``'s records from this process's resident memory.
 
         The page cache keeps them, and any array still viewing them faults them back in on the
-        next access, so this is always safe; it is a no-op where madvise is not available.
+        next access, so this is always safe. It does nothing where madvise is not available.
         """
         entry = self._entry(name)
         mapping = self._mapping()
@@ -289,8 +293,8 @@ class CheckpointReader:
 def iter_c_order(array: np.ndarray, chunk_size: int = COPY_CHUNK_SIZE) -> Iterator[memoryview]:
     """Yield the bytes of ``array`` in C order as byte memoryviews of at most ``chunk_size``.
 
-    A C-contiguous array is sliced without copying; any other array is copied in blocks of
-    whole leading-axis rows, so at most about ``chunk_size`` bytes are copied at a time.
+    A C-contiguous array is sliced without copying. Any other array is copied in blocks of
+    whole leading-axis rows, so about ``chunk_size`` bytes at most are copied at a time.
     """
     if array.nbytes == 0:
         return

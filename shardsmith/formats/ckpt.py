@@ -10,8 +10,8 @@ The schema (``mindspore/train/checkpoint_pb2.py``, MindSpore 2.10)::
 
 ``mindspore.save_checkpoint`` writes one serialized one-Value ``Checkpoint`` per record, back to
 back, which protobuf parses as a single message. A tensor of more than 512 MiB becomes several
-consecutive records with the same tag and the full dims, each holding a piece of the C-order
-content; the loader joins consecutive same-tag records. With ``crc_check=True`` the file ends
+consecutive records with the same tag and the full dims. Each record carries a piece of the
+C-order content, and the loader joins consecutive same-tag records. With ``crc_check=True`` the file ends
 with ``b"crc_num"`` and the CRC-32 of every byte before it as 10 big-endian bytes; the loader
 strips such a trailer whenever the last 17 bytes start with ``b"crc_num"``.
 """
@@ -140,7 +140,7 @@ class _Wire:
             if size > end - position:
                 raise _WireError("a fixed-size field runs past the end", position, truncated=True)
             return position + size
-        # Groups (3, 4) are unused by the schema and 6, 7 do not exist: this is no checkpoint.
+        # The schema uses no groups (wire types 3, 4) and wire types 6, 7 do not exist.
         raise _WireError(f"invalid protobuf wire type {wire_type}", position)
 
     def text(self, start: int, end: int, what: str) -> str:
@@ -190,7 +190,7 @@ class CkptReader(CheckpointReader):
             self._close_group(group)
         if not self._entries:
             raise self._error(
-                "holds no parameter records; it is not a MindSpore checkpoint", hint=_NOT_A_CHECKPOINT_HINT
+                "contains no parameter records, so it is not a MindSpore checkpoint", hint=_NOT_A_CHECKPOINT_HINT
             )
 
     def _verify_crc(self, records_end: int) -> None:
@@ -227,7 +227,7 @@ class CkptReader(CheckpointReader):
                     record.name = wire.text(field_start, position, "the parameter name")
                 elif field == 2:
                     if record.has_tensor:
-                        raise _WireError("a record holds two tensor fields", field_start)
+                        raise _WireError("a record contains two tensor fields", field_start)
                     record.has_tensor = True
                     self._parse_tensor(wire, field_start, position, record)
                 else:
@@ -244,7 +244,7 @@ class CkptReader(CheckpointReader):
                 hint="shardsmith handles dense tensors only; drop the MapParameter before saving",
             )
         if not record.has_tensor:
-            raise self._error(f"the record at byte {start} holds no tensor", param=record.name)
+            raise self._error(f"the record at byte {start} contains no tensor", param=record.name)
         if record.dtype is None:
             raise self._error(f"the record at byte {start} has no tensor_type", param=record.name)
         if record.content is None:
@@ -279,7 +279,9 @@ class CkptReader(CheckpointReader):
     ) -> _Entry:
         """Append a record to the open group when it is the next piece of it, else start one."""
         name = record.name
-        assert name is not None and record.content is not None and record.dtype is not None
+        assert name is not None
+        assert record.content is not None
+        assert record.dtype is not None
         if group is not None and group.info.name == name:
             first = group.info
             if tuple(record.dims) != first.shape or record.dtype != first.dtype:
@@ -297,8 +299,8 @@ class CkptReader(CheckpointReader):
             self._close_group(group)
         if name in self._entries:
             raise self._error(
-                f"appears again at byte {record_start} after other parameters; a checkpoint holds "
-                "each parameter once",
+                f"is repeated at byte {record_start} after other parameters, but a checkpoint "
+                "contains each parameter once",
                 param=name,
             )
         info = TensorInfo(name, record.dtype, tuple(record.dims), record.content[1])
@@ -371,7 +373,7 @@ class CkptWriter(CheckpointWriter):
     """Writer of ``.ckpt`` files byte-identical to ``mindspore.save_checkpoint`` of the same tensors.
 
     One deviation: a tensor with no content (a 0 in its shape) is written as one record with
-    empty content, where MindSpore 2.10 writes no record at all and so loses the parameter.
+    empty content. MindSpore 2.10 writes no record at all for it, so the parameter is lost.
     """
 
     format = "ckpt"

@@ -251,10 +251,10 @@ class SafetensorsWriter(CheckpointWriter):
 
     The header is written first, so ``crc_check=True`` needs a seekable target: the header is
     written with a placeholder and rewritten, padded to the same size, once the CRC is known.
-    For the same entries in MindSpore's order the bytes equal MindSpore's, except for the order
-    of the ``__metadata__`` keys, which MindSpore 2.10 leaves to a Rust HashMap (it differs from
-    run to run; here it is "format", the Int4 marks, then "crc_num"), and, with a CRC, up to 8
-    more padding spaces in the header.
+    For the same entries in MindSpore's order the bytes equal MindSpore's, with two exceptions.
+    MindSpore 2.10 leaves the order of the ``__metadata__`` keys to a Rust HashMap, so it differs
+    from run to run; here it is "format", the Int4 marks, then "crc_num". With a CRC, the header
+    may also end in up to 8 more padding spaces.
     """
 
     format = "safetensors"
