@@ -176,27 +176,49 @@ def _check_world_size(source: Source, plan: Plan, names: Sequence[str], dtypes: 
             f"the rank set has {source.world_size} ranks but the plan{where} has world_size {plan.world_size}",
             path=source.paths[0].parent.parent if source.world_size > 1 else source.paths[0],
         )
-    # Say what is lost: lay the parameters out as if every rank held rank 0's slice shape.
-    missing = list(range(source.world_size, plan.world_size))
+    missing = range(source.world_size, plan.world_size)
+    details = _describe_lost_ranks(source, plan, names, dtypes, missing)
+    raise RankSetError(
+        f"the plan{where} has world_size {plan.world_size} but only ranks 0-{source.world_size - 1} are present; "
+        f"missing rank{'s' if len(missing) > 1 else ''} {_rank_list(missing)}" + (f" ({details})" if details else ""),
+        path=source.paths[0].parent.parent if source.world_size > 1 else source.paths[0],
+    )
+
+
+# Largest plan world size for which a missing-ranks error also lists what each missing rank
+# would hold; laying the parameters out costs time and memory linear in the world size.
+_MAX_DESCRIBED_WORLD_SIZE = 4096
+
+
+def _rank_list(ranks: Sequence[int], limit: int = 16) -> str:
+    """List rank numbers, eliding the middle of a long sequence (a `range` is never expanded)."""
+    if len(ranks) <= limit:
+        return ", ".join(map(str, ranks))
+    return f"{', '.join(map(str, ranks[: limit // 2]))}, … {ranks[-1]} ({len(ranks)} ranks)"
+
+
+def _describe_lost_ranks(
+    source: Source, plan: Plan, names: Sequence[str], dtypes: Mapping[str, str], missing: Sequence[int]
+) -> str:
+    """Say which parameters each missing rank would hold, guessing every slice is rank 0's shape."""
+    if plan.world_size > _MAX_DESCRIBED_WORLD_SIZE:
+        return ""
     guessed = {n: [source.info(n).shape] * plan.world_size for n in source.names}
     lost: Dict[int, List[str]] = {r: [] for r in missing}
     try:
         layouts = resolve_slices(plan, source.names, dtypes, guessed, only=lambda n: n in names)
     except ShardsmithError:
-        layouts = {}
+        return ""
     for name, pl in layouts.items():
         present = {p.full for r in range(source.world_size) for p in pl.layout.pieces[r]}
         for r in missing:
             if any(p.full not in present for p in pl.layout.pieces[r]):
                 lost[r].append(name)
-    details = "; ".join(
-        f"rank {r} would hold {', '.join(lost[r][:8])}{' …' if len(lost[r]) > 8 else ''}" for r in missing if lost[r]
-    )
-    raise RankSetError(
-        f"the plan{where} has world_size {plan.world_size} but only ranks 0-{source.world_size - 1} are present; "
-        f"missing rank {', '.join(map(str, missing))}" + (f" ({details})" if details else ""),
-        path=source.paths[0].parent.parent if source.world_size > 1 else source.paths[0],
-    )
+    shown = [r for r in missing if lost[r]][:8]
+    text = "; ".join(f"rank {r} would hold {', '.join(lost[r][:8])}{' …' if len(lost[r]) > 8 else ''}" for r in shown)
+    if len([r for r in missing if lost[r]]) > len(shown):
+        text += "; …"
+    return text
 
 
 def _check_int4(move: ParamMove) -> None:
@@ -314,8 +336,13 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
     if move.source.is_replicated and move.full_shape and np.prod(move.full_shape) <= 16:
         # Small replicated values such as global_step: show every rank's value when they differ.
         values = [arrays[r] for r in range(move.source.world_size)]
-        if not all(same_bytes(values[0], v) for v in values[1:]):
-            message = f"replicated values differ across ranks ({_describe_values(values)})"
+        differing = [r for r, v in enumerate(values) if not same_bytes(values[0], v)]
+        if differing:
+            largest, rank = max((_largest_difference(values[0], values[r], move.dtype)[0], r) for r in differing)
+            message = (
+                f"replicated values differ across ranks ({_describe_values(values)}); "
+                f"largest difference {largest:.6g}, between rank 0 and rank {rank}"
+            )
             _replica_failure(move, message, warn)
         return
     for main_rank, main_piece, copy_rank, copy_piece in copies:
@@ -323,15 +350,32 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
         b = arrays[copy_rank][copy_piece.local.slices()]
         if same_bytes(a, b):
             continue
-        diff = np.abs(dt.to_float64(np.ascontiguousarray(a), move.dtype) - dt.to_float64(np.ascontiguousarray(b), move.dtype))
-        worst = np.unravel_index(int(np.nanargmax(diff)) if np.isfinite(diff).any() else 0, diff.shape) if diff.size else ()
-        largest = float(np.nanmax(diff)) if diff.size and np.isfinite(diff).any() else float("nan")
+        largest, worst = _largest_difference(a, b, move.dtype)
         message = (
             f"copies that should be identical differ: rank {main_rank} and rank {copy_rank} "
             f"(box {main_piece.full}), largest difference {largest:.6g} at index {list(map(int, worst))}"
         )
         _replica_failure(move, message, warn)
         return
+
+
+def _largest_difference(a: np.ndarray, b: np.ndarray, dtype: str) -> Tuple[float, Tuple[int, ...]]:
+    """Return the largest absolute difference of two storage arrays as numbers, and its index.
+
+    Elements that differ only as NaN payloads or where both are the same infinity count as 0;
+    an infinity against a finite value counts as inf.
+    """
+    fa = dt.to_float64(np.ascontiguousarray(a), dtype)
+    fb = dt.to_float64(np.ascontiguousarray(b), dtype)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(fa - fb)
+    diff[np.isnan(fa) & np.isnan(fb)] = 0
+    diff[(fa == fb)] = 0
+    diff[np.isnan(diff)] = np.inf
+    if not diff.size:
+        return float("nan"), ()
+    flat = int(np.argmax(diff))
+    return float(diff.reshape(-1)[flat]), tuple(int(i) for i in np.unravel_index(flat, diff.shape))
 
 
 def _replica_failure(move: ParamMove, message: str, warn: Callable[[str], None]) -> None:

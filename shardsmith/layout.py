@@ -155,6 +155,10 @@ class Layout:
 
     def check_coverage(self, name: str) -> None:
         """Raise LayoutError unless the distinct full boxes tile the full tensor exactly once."""
+        if math.prod(self.full_shape) == 0:
+            # A tensor with a 0 dim (or a str entry, dims [0]) has no element to cover, and its
+            # boxes are empty, which `intersect` cannot tell from disjoint.
+            return
         whole = Box.whole(self.full_shape)
         boxes = [piece.full for _, piece in self.main_pieces()]
         for box in boxes:

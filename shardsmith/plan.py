@@ -26,6 +26,11 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
 REPLICA_POLICIES = ("check", "first")
+
+# Layouts hold one entry per rank, so the world size bounds their memory; 2**20 ranks is far
+# beyond any cluster MindSpore documents (its device_num help says at most 4096) yet still lays
+# out in seconds, while a mistyped 10**12 would exhaust memory.
+MAX_WORLD_SIZE = 2**20
 _RULE_KEYS = ("match", "strategy", "replicas")
 _TOP_KEYS = ("world_size", "param", "mirror", "accepted_errors")
 
@@ -100,6 +105,8 @@ def plan_from_dict(data: Mapping[str, Any], *, path: Optional[Path] = None, regi
         raise fail("missing 'world_size'")
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise fail(f"'world_size' must be a positive integer, got {world_size!r}")
+    if world_size > MAX_WORLD_SIZE:
+        raise fail(f"'world_size' {world_size} is larger than {MAX_WORLD_SIZE}, the most shardsmith lays out")
 
     raw_rules = data.get("param", [])
     if not isinstance(raw_rules, list):

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from .errors import RankSetError
+from .errors import CheckpointFormatError, RankSetError
 from .formats import CheckpointReader, TensorInfo, open_checkpoint
 from .layout import Shape
 
@@ -145,8 +145,16 @@ def open_source(
     files = resolve_paths(paths, select)
     readers: List[CheckpointReader] = []
     try:
-        for path in files:
-            readers.append(open_checkpoint(path, format, verify_crc=verify_crc))
+        for rank, path in enumerate(files):
+            try:
+                readers.append(open_checkpoint(path, format, verify_crc=verify_crc))
+            except CheckpointFormatError as error:
+                if len(files) == 1:
+                    raise
+                # The files of a rank set differ only by the rank: say which one is bad.
+                raise CheckpointFormatError(
+                    f"rank {rank}: {error.message}", path=error.path, param=error.param, hint=error.hint
+                ) from None
     except BaseException:
         for reader in readers:
             reader.close()
