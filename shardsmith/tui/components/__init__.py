@@ -1,0 +1,1 @@
+"""The widgets and screens of the plan editor, one a module."""
