@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -57,6 +60,51 @@ def test_wrong_format_gives_one_error(tmp_path):
             writer.write("w", np.zeros(1, np.int8))
         with pytest.raises(CheckpointFormatError, match=rf"w\.{fmt}: .*(header|not a valid checkpoint)"):
             open_checkpoint(path, other)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("crc_check", [False, True])
+def test_has_crc(tmp_path, fmt, crc_check):
+    path = tmp_path / f"w.{fmt}"
+    with open_writer(path, [TensorInfo("w", "Int8", (2,), 2)], fmt, crc_check=crc_check) as writer:
+        writer.write("w", np.arange(2, dtype=np.int8))
+    with open_checkpoint(path) as reader:
+        assert reader.has_crc is crc_check
+
+
+def test_metadata_of_each_format(tmp_path):
+    for fmt, expected in [("ckpt", {}), ("safetensors", {"format": "ms"})]:
+        path = tmp_path / f"w.{fmt}"
+        with open_writer(path, [TensorInfo("w", "Int8", (1,), 1)], fmt) as writer:
+            writer.write("w", np.zeros(1, np.int8))
+        with open_checkpoint(path) as reader:
+            assert reader.metadata == expected
+
+
+def test_fifo_is_rejected_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.ckpt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointFormatError, match=r"pipe\.ckpt: is not a regular file"):
+        open_checkpoint(fifo)
+
+
+REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*/*"))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[f"{p.parent.name}/{p.name}" for p in REGRESSIONS])
+def test_regression_inputs_fail_cleanly(path):
+    fmt = path.parent.name
+    if fmt not in FORMATS:
+        pytest.skip(f"{fmt} inputs are not checkpoints")
+    try:
+        with open_checkpoint(path, fmt) as reader:
+            for info in reader:
+                if info.is_string:
+                    reader.string(info.name)
+                else:
+                    reader.array(info.name)
+    except CheckpointFormatError as error:
+        assert str(error).startswith(f"{path}: ")
 
 
 def test_open_writer_unknown_format(tmp_path):

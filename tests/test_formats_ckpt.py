@@ -474,7 +474,7 @@ def test_missing_file(tmp_path):
 
 def test_directory(tmp_path):
     (tmp_path / "dir.ckpt").mkdir()
-    assert "cannot be opened" in _error_of(tmp_path / "dir.ckpt")
+    assert _error_of(tmp_path / "dir.ckpt") == f"{tmp_path / 'dir.ckpt'}: is not a regular file"
 
 
 def test_truncated_inside_parameter_names_it(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -148,8 +149,12 @@ class _Entry:
 class CheckpointReader:
     """A read-only, memory-mapped checkpoint; iterate it for the tensor headers in file order.
 
-    Subclasses build ``_entries`` in ``_index()``; this class owns the mapping and the access
-    to content. Use it as a context manager, or call :meth:`close`.
+    Subclasses build ``_entries`` in ``_index()``, and this class owns the mapping and the
+    access to content. Use it as a context manager, or call :meth:`close`.
+
+    ``has_crc`` tells whether the file records a CRC-32 (a ``.ckpt`` trailer, or ``crc_num`` in
+    safetensors metadata), so that a copy can be written with one too. ``metadata`` is the
+    safetensors ``__metadata__`` table, empty for a ``.ckpt``.
     """
 
     format: str = ""
@@ -157,6 +162,8 @@ class CheckpointReader:
     def __init__(self, path: PathLike, *, verify_crc: bool = True) -> None:
         self.path = Path(path)
         self.verify_crc = verify_crc
+        self.has_crc = False
+        self.metadata: Dict[str, str] = {}
         self._entries: Dict[str, _Entry] = {}
         self._mmap: Optional[mmap.mmap] = None
         self._size = 0
@@ -169,6 +176,9 @@ class CheckpointReader:
 
     def _open_mapping(self) -> None:
         try:
+            # Opening a FIFO would block until some writer appears, so check the type first.
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                raise CheckpointFormatError("is not a regular file", path=self.path)
             with open(self.path, "rb") as file:
                 self._size = os.fstat(file.fileno()).st_size
                 if self._size == 0:

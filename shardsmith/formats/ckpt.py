@@ -166,6 +166,7 @@ class CkptReader(CheckpointReader):
             mapping[self._size - CRC_TRAILER_SIZE : self._size - 10] == CRC_MARK
         )
         if has_trailer:
+            self.has_crc = True
             records_end -= CRC_TRAILER_SIZE
             if self.verify_crc:
                 self._verify_crc(records_end)

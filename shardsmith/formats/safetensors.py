@@ -67,7 +67,6 @@ class SafetensorsReader(CheckpointReader):
     """Reader of ``.safetensors`` files; the file order is the order of the tensors' data."""
 
     format = "safetensors"
-    metadata: Dict[str, str]
 
     def _index(self) -> None:
         mapping = self._mapping()
@@ -116,7 +115,8 @@ class SafetensorsReader(CheckpointReader):
                 hint=_NOT_SAFETENSORS_HINT,
             )
 
-        if self.verify_crc and CRC_KEY in self.metadata:
+        self.has_crc = CRC_KEY in self.metadata
+        if self.verify_crc and self.has_crc:
             self._verify_crc(self.metadata[CRC_KEY])
 
     def _parse_header(self, raw: bytes) -> Dict[str, object]:
