@@ -142,7 +142,7 @@ def _finish(
     if dry_run:
         from .output import check_target
 
-        check_target(target, force, directory=directory)
+        check_target(target, force, directory=directory, inputs=source.paths)
 
         def warn(message: str) -> None:
             report.warnings.append(message)
@@ -153,7 +153,7 @@ def _finish(
             name = _rank_file(rank, prefix, fmt) if directory else target.name
             report.files.append({"path": name, "bytes": sum(m.target_nbytes(rank) for m in job.moves)})
         return report
-    with atomic_output(target, directory=directory, force=force) as out:
+    with atomic_output(target, directory=directory, force=force, inputs=source.paths) as out:
         paths = _write_job(job, source, out, fmt, prefix=prefix, crc_check=crc_check, progress=progress, warnings=report.warnings)
         if verify:
             verify_written(job, source, paths, fmt)

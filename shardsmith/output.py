@@ -18,7 +18,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence
 
 from . import __version__
 from .errors import OutputExistsError, ShardsmithError
@@ -26,12 +26,26 @@ from .errors import OutputExistsError, ShardsmithError
 logger = logging.getLogger(__name__)
 
 _TMP_MARK = ".shardsmith-"
-_TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.shardsmith-(?P<pid>\d+)\.tmp$")
+_TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.shardsmith-(?P<pid>\d+)\.(?P<kind>tmp|old)$")
 MANIFEST_NAME = "manifest.json"
+MANIFEST_SUFFIX = ".manifest.json"
+
+# Signals that end a job while it writes. Each becomes an exception, so the temporaries are removed.
+_TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def temp_path_for(target: Path) -> Path:
     return target.with_name(f".{target.name}{_TMP_MARK}{os.getpid()}.tmp")
+
+
+def _aside_path_for(target: Path) -> Path:
+    """Return the name an existing directory output takes while its replacement is renamed in."""
+    return target.with_name(f".{target.name}{_TMP_MARK}{os.getpid()}.old")
+
+
+def manifest_path_for(target: Path) -> Path:
+    """Return the manifest path of a single-file output, beside it: `OUT.manifest.json`."""
+    return target.with_name(target.name + MANIFEST_SUFFIX)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -45,19 +59,35 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(target: Path) -> None:
-    """Delete temporaries of `target` left by processes that no longer run."""
+    """Clean up after writers of `target` that no longer run (killed, or the machine went down).
+
+    Their temporaries of the output and of its manifest are deleted. An old directory output
+    that was moved aside for a replacement that never arrived is put back in place.
+    """
     parent = target.parent
-    if not parent.is_dir():
+    try:
+        children = sorted(parent.iterdir())
+    except OSError:
         return
-    for child in parent.iterdir():
+    names = {target.name, manifest_path_for(target).name}
+    for child in children:
         m = _TMP_PATTERN.match(child.name)
-        if not m or m.group("name") != target.name:
+        if not m or m.group("name") not in names:
             continue
         pid = int(m.group("pid"))
         if pid != os.getpid() and _pid_alive(pid):
             continue
-        logger.info("removing a leftover temporary output %s", child)
-        _remove(child)
+        try:
+            if m.group("kind") == "old" and m.group("name") == target.name and not target.exists():
+                logger.warning("restoring %s, moved aside by a run that did not finish", target)
+                os.replace(child, target)
+                continue
+            logger.info("removing a leftover temporary output %s", child)
+            _remove(child)
+        except OSError as error:
+            # Cleanup is best effort: the new temporary has another name, so a leftover that
+            # cannot be removed does not stop this run.
+            logger.warning("failed to remove %s: %s", child, error.strerror or error)
 
 
 def _remove(path: Path) -> None:
@@ -83,8 +113,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_target(target: Path, force: bool, *, directory: bool) -> None:
-    """Raise unless `target` may be written: it does not exist, is an empty directory, or --force."""
+def check_target(target: Path, force: bool, *, directory: bool, inputs: Sequence[Path] = ()) -> None:
+    """Raise unless `target` may be written: it does not exist, is an empty directory, or --force.
+
+    Replacing the output must never remove an input, so `target` may neither be one of `inputs`
+    nor contain one, even with --force.
+    """
+    resolved = target.resolve()
+    for path in inputs:
+        source = Path(path).resolve()
+        if source == resolved or resolved in source.parents:
+            what = "is" if source == resolved else "contains"
+            raise OutputExistsError(
+                f"the output {what} the input {path}; replacing it would destroy the input",
+                path=target,
+                hint="Write the output somewhere else",
+            )
     if not target.exists() and not target.is_symlink():
         if not target.parent.exists():
             raise ShardsmithError("the output's parent directory does not exist", path=target.parent)
@@ -122,7 +166,7 @@ class HashingFile:
 
 @contextmanager
 def _termination_as_exception() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit while writing, so the cleanup below runs (SIGINT already raises)."""
+    """Turn SIGTERM and SIGHUP into SystemExit while writing, so the cleanup runs (SIGINT already raises)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -130,11 +174,26 @@ def _termination_as_exception() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in _TERMINATING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and the terminating signals until the block ends, so a rename pair is not cut."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    deferred = {signal.SIGINT, *_TERMINATING_SIGNALS}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class OutputFiles:
@@ -152,6 +211,7 @@ class OutputFiles:
         self.files: Dict[str, HashingFile] = {}
         self._handles: List[BinaryIO] = []
         self._order: List[str] = []
+        self._manifest_temp: Optional[Path] = None
         self.committed = False
 
     def open(self, relative: Optional[str] = None) -> HashingFile:
@@ -186,40 +246,70 @@ class OutputFiles:
             if sync:
                 handle.flush()
                 os.fsync(handle.fileno())
-            handle.close()
+                handle.close()
+                continue
+            try:
+                handle.close()
+            except OSError:
+                # Closing flushes the buffer, which fails again on a full disk; the file is
+                # being deleted, and close() releases the descriptor even when it raises.
+                pass
 
     def commit(self, manifest: Optional[Dict[str, Any]] = None) -> None:
+        """Sync every file, write the manifest, and rename the output into place.
+
+        A manifest never describes a file it does not match: inside a directory output it is
+        renamed in with the files; beside a single file, the old manifest is removed before the
+        new file is renamed in and the new manifest only follows it.
+        """
         self._close_handles(sync=True)
-        if manifest is not None:
-            data = json.dumps(self.manifest(manifest), indent=2).encode() + b"\n"
-            if self.directory:
-                manifest_path = self.temp / MANIFEST_NAME
-            else:
-                manifest_path = self.target.with_name(self.target.name + ".manifest.json")
-                manifest_temp = temp_path_for(manifest_path)
-                _write_synced(manifest_temp, data)
-                os.replace(manifest_temp, manifest_path)
-                manifest_path = None
-            if manifest_path is not None:
-                _write_synced(manifest_path, data)
+        data = json.dumps(self.manifest(manifest), indent=2).encode() + b"\n" if manifest is not None else None
         if self.directory:
-            for sub in self.temp.rglob("*"):
+            if data is not None:
+                _write_synced(self.temp / MANIFEST_NAME, data)
+            for sub in [self.temp, *self.temp.rglob("*")]:
                 if sub.is_dir():
                     _fsync_dir(sub)
-        old = None
-        if self.target.exists():
-            # Move the old output aside first, so a crash between the two renames keeps one of them.
-            old = self.target.with_name(f".{self.target.name}{_TMP_MARK}{os.getpid()}.old")
-            os.replace(self.target, old)
-        os.replace(self.temp, self.target)
+            self._rename_directory()
+        else:
+            manifest_target = manifest_path_for(self.target)
+            if data is not None:
+                self._manifest_temp = temp_path_for(manifest_target)
+                _write_synced(self._manifest_temp, data)
+            with _signals_deferred():
+                if manifest_target.exists():
+                    manifest_target.unlink()
+                os.replace(self.temp, self.target)
+                self.committed = True
+                if data is not None:
+                    os.replace(self._manifest_temp, manifest_target)
+                    self._manifest_temp = None
         _fsync_dir(self.target.parent)
-        if old is not None:
-            _remove(old)
-        self.committed = True
+
+    def _rename_directory(self) -> None:
+        # rename() cannot replace a non-empty directory: move the old output aside first, and
+        # put it back if the new one cannot take its place, so one of the two is always there.
+        with _signals_deferred():
+            aside = None
+            if self.target.exists():
+                aside = _aside_path_for(self.target)
+                os.replace(self.target, aside)
+            try:
+                os.replace(self.temp, self.target)
+            except BaseException:
+                if aside is not None:
+                    os.replace(aside, self.target)
+                raise
+            self.committed = True
+        if aside is not None:
+            _remove(aside)
 
     def abort(self) -> None:
         self._close_handles(sync=False)
         _remove(self.temp)
+        if self._manifest_temp is not None:
+            _remove(self._manifest_temp)
+            self._manifest_temp = None
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -230,19 +320,21 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def atomic_output(target: Path, *, directory: bool, force: bool) -> Iterator[OutputFiles]:
+def atomic_output(
+    target: Path, *, directory: bool, force: bool, inputs: Sequence[Path] = ()
+) -> Iterator[OutputFiles]:
     """Yield an `OutputFiles`; on success the caller calls `commit`, on any exception nothing remains.
 
     The target is checked before any work starts, so a refused overwrite costs nothing.
     """
     target = Path(target)
-    check_target(target, force, directory=directory)
     remove_stale_temps(target)
+    check_target(target, force, directory=directory, inputs=inputs)
     out = OutputFiles(target, directory=directory, force=force)
-    if directory:
-        out.temp.mkdir()
     try:
         with _termination_as_exception():
+            if directory:
+                out.temp.mkdir()
             yield out
     except OSError as exc:
         out.abort()
