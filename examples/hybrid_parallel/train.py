@@ -145,6 +145,10 @@ def load_own_rank_file(source: Path, rank: int) -> Dict[str, ms.Parameter]:
     return ms.load_checkpoint(str(files[0]))
 
 
+def format_losses(losses: List[float]) -> str:
+    return ", ".join(f"{loss:.7f}" for loss in losses)
+
+
 def fresh_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
     weights = initial_weights()
     trainer = Trainer(ParallelNet(weights, LAYOUTS[world_size], rank))
@@ -156,10 +160,10 @@ def fresh_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
     path = args.out / f"rank_{rank}" / "net.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
     ms.save_checkpoint(TrainState(trainer.net, trainer.optimizer), str(path), append_dict={"step_num": args.steps})
-    print(f"rank {rank}: losses {losses}; saved {path} at step {args.steps}")
+    print(f"rank {rank}: losses of steps 0-{args.steps - 1}: {format_losses(losses)}; saved {path}")
 
     after = [trainer.step(step) for step in range(args.steps, args.steps + args.extra_steps)]
-    print(f"rank {rank}: losses after the checkpoint {after}")
+    print(f"rank {rank}: losses of the {len(after)} steps after the checkpoint: {format_losses(after)}")
     if rank == 0:
         reference = {
             "world_size": world_size,
@@ -179,7 +183,7 @@ def resumed_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
     start = trainer.global_step()
     probe_output = trainer.probe()
     losses = [trainer.step(step) for step in range(start, start + args.steps)]
-    print(f"rank {rank}: resumed at step {start} with {world_size} ranks; losses {losses}")
+    print(f"rank {rank}: resumed at step {start} on {world_size} ranks; losses: {format_losses(losses)}")
     if rank == 0:
         record = {"world_size": world_size, "start_step": start, "losses": losses, "probe_output": probe_output}
         args.record.write_text(json.dumps(record, indent=2) + "\n")
