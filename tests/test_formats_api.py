@@ -11,6 +11,7 @@ import pytest
 from shardsmith import dtypes
 from shardsmith.errors import CheckpointFormatError
 from shardsmith.formats import FORMATS, TensorInfo, detect_format, open_checkpoint, open_writer
+from shardsmith.formats.base import iter_c_order
 
 
 @pytest.mark.parametrize(
@@ -123,6 +124,27 @@ def test_reader_closes(tmp_path):
     with pytest.raises(ValueError, match="closed"):
         reader.array("w")
     reader.close()
+
+
+@pytest.mark.parametrize("chunk_size", [2, 3, 16, 48, 1 << 20])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(60, dtype=np.int16).reshape(3, 4, 5).transpose(2, 0, 1),
+        np.arange(100, dtype=np.int16)[::3],
+        np.arange(60, dtype=np.int16).reshape(6, 10)[:, 2:9],
+        np.arange(60, dtype=np.int16).reshape(6, 10),
+    ],
+)
+def test_iter_c_order_chunks(array, chunk_size):
+    chunks = list(iter_c_order(array, chunk_size))
+    assert b"".join(bytes(chunk) for chunk in chunks) == np.ascontiguousarray(array).tobytes()
+    assert max(len(chunk) for chunk in chunks) <= chunk_size
+
+
+def test_writer_target_cannot_be_created(tmp_path):
+    with pytest.raises(CheckpointFormatError, match=r"x\.ckpt: cannot be created: No such file or directory"):
+        open_writer(tmp_path / "missing" / "x.ckpt", [], "ckpt")
 
 
 def test_tensor_info_helpers():

@@ -217,13 +217,22 @@ def test_copy_round_trip_is_identical(tmp_path):
     assert (tmp_path / "ours.ckpt").read_bytes() == theirs.read_bytes()
 
 
-def test_write_non_contiguous_arrays(tmp_path, monkeypatch):
-    monkeypatch.setattr(base, "COPY_CHUNK_SIZE", 48)
+@pytest.mark.parametrize("chunk_size", [16, 48, 1 << 20])
+def test_write_non_contiguous_arrays(tmp_path, monkeypatch, chunk_size):
+    monkeypatch.setattr(base, "COPY_CHUNK_SIZE", chunk_size)
     monkeypatch.setattr(ckpt, "PIECE_SIZE", 100)
     full = _random("Float32", (12, 10))
-    cases = [("transposed", full.T), ("columns", full[:, 2:7]), ("every_other_row", full[::2]), ("reversed", full[::-1, ::-1])]
-    samples = [(name, "Float32", array) for name, array in cases]
-    contiguous = [(name, "Float32", np.ascontiguousarray(array)) for name, array in cases]
+    cube = _random("Int16", (3, 4, 5))
+    cases = [
+        ("transposed", full.T),
+        ("columns", full[:, 2:7]),
+        ("every_other_row", full[::2]),
+        ("reversed", full[::-1, ::-1]),
+        ("cube_transposed", cube.transpose(2, 0, 1)),
+        ("strided_1d", full[:, 3]),
+    ]
+    samples = [(name, "Int16" if name.startswith("cube") else "Float32", array) for name, array in cases]
+    contiguous = [(name, dtype, np.ascontiguousarray(array)) for name, dtype, array in samples]
     strided = _write_ours(tmp_path / "strided.ckpt", samples, [])
     dense = _write_ours(tmp_path / "dense.ckpt", contiguous, [])
     assert strided.read_bytes() == dense.read_bytes()

@@ -300,12 +300,17 @@ class CheckpointReader:
         return f"<{type(self).__name__} {str(self.path)!r}: {len(self)} entries>"
 
 
-def iter_c_order(array: np.ndarray, chunk_size: int = COPY_CHUNK_SIZE) -> Iterator[memoryview]:
+def iter_c_order(array: np.ndarray, chunk_size: Optional[int] = None) -> Iterator[memoryview]:
     """Yield the bytes of ``array`` in C order as byte memoryviews of at most ``chunk_size``.
 
+    ``chunk_size`` defaults to COPY_CHUNK_SIZE, read at call time.
+
     A C-contiguous array is sliced without copying. Any other array is copied in blocks of
-    whole leading-axis rows, so about ``chunk_size`` bytes at most are copied at a time.
+    whole leading-axis rows, or row by row when one row exceeds ``chunk_size``, so about
+    ``chunk_size`` bytes at most are copied at a time.
     """
+    if chunk_size is None:
+        chunk_size = COPY_CHUNK_SIZE
     if array.nbytes == 0:
         return
     if array.flags.c_contiguous:
@@ -313,13 +318,21 @@ def iter_c_order(array: np.ndarray, chunk_size: int = COPY_CHUNK_SIZE) -> Iterat
         for start in range(0, len(flat), chunk_size):
             yield flat[start : start + chunk_size]
         return
-    if array.nbytes <= chunk_size or array.ndim == 0:
-        yield memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+    if array.ndim == 1:
+        step = max(1, chunk_size // array.itemsize)
+        for start in range(0, array.shape[0], step):
+            yield memoryview(np.ascontiguousarray(array[start : start + step]).view(np.uint8))
         return
+
     row_bytes = array.nbytes // array.shape[0]
-    rows = max(1, chunk_size // max(row_bytes, 1))
+    if row_bytes > chunk_size:
+        for index in range(array.shape[0]):
+            yield from iter_c_order(array[index], chunk_size)
+        return
+    rows = chunk_size // row_bytes
     for start in range(0, array.shape[0], rows):
-        yield from iter_c_order(array[start : start + rows], chunk_size)
+        yield memoryview(np.ascontiguousarray(array[start : start + rows]).reshape(-1).view(np.uint8))
 
 
 def write_all(file: BinaryIO, data: Union[bytes, memoryview]) -> None:
@@ -350,7 +363,10 @@ class CheckpointWriter:
         if isinstance(target, (str, os.PathLike)):
             self.path: Optional[Path] = Path(target)
             self._check_entries()
-            self._file: BinaryIO = open(self.path, "wb")
+            try:
+                self._file: BinaryIO = open(self.path, "wb")
+            except OSError as error:
+                raise self._error(f"cannot be created: {error.strerror or error}") from error
             self._owns_file = True
         else:
             name = getattr(target, "name", None)
