@@ -520,6 +520,16 @@ def test_declared_length_past_end(tmp_path):
     assert "parameter 'w'" in message
 
 
+def test_nested_length_past_its_message(tmp_path):
+    # The tensor field claims more bytes than its Value has, although the file goes on.
+    tensor = _tensor((2,), dtype=b"Int8", content=b"ab")
+    body = b"\x0a\x01w" + b"\x12" + _encode_varint(len(tensor) + 50) + tensor
+    data = b"\x0a" + _encode_varint(len(body)) + body + record_header(b"v", [1], b"Int8", 1) + b"\x00" * 60
+    message = _error_of(_write(tmp_path, data))
+    assert "parameter 'w': not a valid checkpoint: a field at byte" in message
+    assert "truncated" not in message
+
+
 def test_overlong_varint(tmp_path):
     path = _write(tmp_path, b"\x0a" + b"\xff" * 11 + b"\x01")
     assert "longer than 10 bytes" in _error_of(path)

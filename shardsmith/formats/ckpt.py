@@ -80,15 +80,20 @@ class _Record:
 
 
 class _Wire:
-    """Protobuf wire-format decoding over a buffer; every read is bounds-checked."""
+    """Protobuf wire-format decoding over a buffer, with every read bounds-checked.
 
-    def __init__(self, buffer) -> None:
+    A read past ``file_end`` means the file is truncated. A read past the end of an enclosing
+    message that still lies inside the file means the message is malformed.
+    """
+
+    def __init__(self, buffer, file_end: int) -> None:
         self.buffer = buffer
+        self.file_end = file_end
 
     def varint(self, position: int, end: int) -> Tuple[int, int]:
         buffer = self.buffer
         if position >= end:
-            raise _WireError("a varint runs past the end", position, truncated=True)
+            raise _WireError("a varint runs past the end", position, truncated=end >= self.file_end)
         byte = buffer[position]
         if byte < 0x80:
             return byte, position + 1
@@ -98,7 +103,7 @@ class _Wire:
         position += 1
         while True:
             if position >= end:
-                raise _WireError("a varint runs past the end", start, truncated=True)
+                raise _WireError("a varint runs past the end", start, truncated=end >= self.file_end)
             byte = buffer[position]
             position += 1
             result |= (byte & 0x7F) << shift
@@ -125,7 +130,7 @@ class _Wire:
             raise _WireError(
                 f"a field at byte {start} declares {length} bytes but only {end - position} remain",
                 start,
-                truncated=True,
+                truncated=end >= self.file_end,
             )
         return position, position + length
 
@@ -138,7 +143,9 @@ class _Wire:
         if wire_type in (_FIXED64, _FIXED32):
             size = 8 if wire_type == _FIXED64 else 4
             if size > end - position:
-                raise _WireError("a fixed-size field runs past the end", position, truncated=True)
+                raise _WireError(
+                    "a fixed-size field runs past the end", position, truncated=end >= self.file_end
+                )
             return position + size
         # The schema uses no groups (wire types 3, 4) and wire types 6, 7 do not exist.
         raise _WireError(f"invalid protobuf wire type {wire_type}", position)
@@ -171,7 +178,7 @@ class CkptReader(CheckpointReader):
             if self.verify_crc:
                 self._verify_crc(records_end)
 
-        wire = _Wire(mapping)
+        wire = _Wire(mapping, records_end)
         group: Optional[_Entry] = None
         position = 0
         while position < records_end:
@@ -184,7 +191,7 @@ class CkptReader(CheckpointReader):
                 value_start, position = wire.length_delimited(position, records_end)
             except _WireError as error:
                 raise self._wire_error(error, wire, record_start, records_end) from None
-            record = self._parse_value(wire, value_start, position)
+            record = self._parse_value(wire, record_start, value_start, position)
             group = self._add_record(record, record_start, position, group)
 
         if group is not None:
@@ -214,7 +221,8 @@ class CkptReader(CheckpointReader):
                 hint="Copy it again from the original, or open it without the CRC check to read it anyway",
             )
 
-    def _parse_value(self, wire: _Wire, start: int, end: int) -> _Record:
+    def _parse_value(self, wire: _Wire, record_start: int, start: int, end: int) -> _Record:
+        """Parse the Value message in ``[start, end)`` of the record that begins at ``record_start``."""
         record = _Record()
         position = start
         try:
@@ -234,10 +242,12 @@ class CkptReader(CheckpointReader):
                 else:
                     record.is_map = True
         except _WireError as error:
-            raise self._wire_error(error, wire, start, end, record.name) from None
+            raise self._wire_error(error, wire, record_start, end, record.name) from None
 
         if record.name is None:
-            raise self._error(f"the record at byte {start} has no parameter name (tag)", hint=_NOT_A_CHECKPOINT_HINT)
+            raise self._error(
+                f"the record at byte {record_start} has no parameter name (tag)", hint=_NOT_A_CHECKPOINT_HINT
+            )
         if record.is_map:
             raise self._error(
                 "maptensor records cannot be moved as bytes",
@@ -245,11 +255,11 @@ class CkptReader(CheckpointReader):
                 hint="shardsmith handles dense tensors only; drop the MapParameter before saving",
             )
         if not record.has_tensor:
-            raise self._error(f"the record at byte {start} contains no tensor", param=record.name)
+            raise self._error(f"the record at byte {record_start} contains no tensor", param=record.name)
         if record.dtype is None:
-            raise self._error(f"the record at byte {start} has no tensor_type", param=record.name)
+            raise self._error(f"the record at byte {record_start} has no tensor_type", param=record.name)
         if record.content is None:
-            raise self._error(f"the record at byte {start} has no tensor_content", param=record.name)
+            raise self._error(f"the record at byte {record_start} has no tensor_content", param=record.name)
         return record
 
     @staticmethod
