@@ -3,11 +3,11 @@
 #
 #     bash examples/demo.sh [OUTPUT_DIR]        (default: demo-output, ignored by git)
 #
-# Sets up .venv, trains examples/hybrid_parallel on 4 CPU workers under msrun, then
-#   scenario 1: merges the 4 rank files into one weights-only checkpoint, loads it on one device,
-#               checks its output against the 4-rank model's and exports MINDIR;
-#   scenario 2: reshards the 4-rank set to 2 ranks, resumes training on 2 workers and checks the
-#               losses against those the 4-rank run had at the same steps.
+# Sets up .venv and trains examples/hybrid_parallel on 4 CPU workers under msrun. Then:
+#   Scenario 1 merges the 4 rank files into one weights-only checkpoint, loads it on one device,
+#   checks its output against the 4-rank model's and exports MINDIR.
+#   Scenario 2 reshards the 4-rank set to 2 ranks, resumes training on 2 workers and checks the
+#   losses against those the 4-rank run had at the same steps.
 # Exits non-zero when a step or a check fails.
 #
 # Environment: SHARDSMITH_DEMO_SKIP_SETUP=1 skips scripts/setup.sh (the tests set it, having a

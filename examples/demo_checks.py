@@ -26,8 +26,8 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 
-def report(ok: bool, what: str) -> bool:
-    print(f"  {'ok  ' if ok else 'FAIL'} {what}")
+def report(ok: bool, check: str) -> bool:
+    print(f"  {'ok  ' if ok else 'FAIL'} {check}")
     return ok
 
 
@@ -39,9 +39,9 @@ def check_merged(args: argparse.Namespace) -> bool:
     import mindspore as ms
     from mindspore import Tensor, nn
 
-    from model import FullNet, initial_weights, probe_input, set_cpu_device
+    from model import FullNet, initial_weights, probe_input
 
-    set_cpu_device()
+    ms.set_device("CPU")
     reference = json.loads(args.reference.read_text())
     expected = np.asarray(reference["probe_output"], dtype=np.float32)
 

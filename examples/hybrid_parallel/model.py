@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 IN, HIDDEN, MID, OUT = 12, 32, 16, 8
@@ -35,7 +34,7 @@ LEARNING_RATE = 0.01
 
 @dataclass(frozen=True)
 class Layout:
-    """How one world size splits the network: the part count of fc1/fc2 and fc3's grid."""
+    """The split of the network for one world size: the part count of fc1 and fc2, fc3's grid."""
 
     world_size: int
     hidden_parts: int
@@ -99,8 +98,8 @@ def slice_of(name: str, full: np.ndarray, layout: Layout, rank: int) -> np.ndarr
 class CopyToParallel(nn.Cell):
     """Identity forward; AllReduce of the gradient backward.
 
-    Placed where a replicated activation enters split layers: each rank's backward pass yields
-    only its slices' share of the activation's gradient, and the sum over ranks is the whole of it.
+    It sits where a replicated activation enters split layers. Each rank's backward pass yields
+    only its own slices' share of the activation's gradient, and the sum over ranks is the whole.
     """
 
     def __init__(self) -> None:
@@ -117,9 +116,9 @@ class CopyToParallel(nn.Cell):
 class ReduceFromParallel(nn.Cell):
     """AllReduce forward; identity backward.
 
-    MindSpore's own AllReduce backward is another AllReduce, which would multiply the gradient by
-    the world size here: every rank computes the same loss from the reduced output, so each rank's
-    gradient of that output is already the whole gradient.
+    Every rank computes the same loss from the reduced output, so each rank's gradient of that
+    output is already the whole gradient. MindSpore's own AllReduce backward is another AllReduce,
+    which would multiply it by the world size.
     """
 
     def __init__(self) -> None:
@@ -163,10 +162,10 @@ class RowParallelDense(nn.Cell):
 class GridParallelDense(nn.Cell):
     """A dense layer whose weight is split as an a x b grid of blocks; rank i * b + j holds (i, j).
 
-    The rank multiplies input block j by its weight block, places the product in output block i
-    of a zero output, and AllReduce sums all ranks' products into the full output. The bias block
-    is added by the rank with j == 0 only, so the sum counts it once; the gradient of the copies
-    on the other ranks of the grid row is then zero, and `sync_bias_grad` sums it over the row.
+    The rank multiplies input block j by its weight block and places the product in output block i
+    of a zero output. AllReduce then sums all ranks' products into the full output. Only the rank
+    with j == 0 adds the bias block, so that the sum counts it once. The other copies of that block
+    get a zero gradient, which is why `sync_bias_grad` sums the gradient over the grid row.
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, grid: Tuple[int, int], rank: int) -> None:
@@ -263,7 +262,3 @@ class TrainState(nn.Cell):
 
 def make_optimizer(network: nn.Cell) -> nn.Optimizer:
     return nn.Adam(network.trainable_params(), learning_rate=LEARNING_RATE)
-
-
-def set_cpu_device() -> None:
-    ms.set_device("CPU")

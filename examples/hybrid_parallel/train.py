@@ -12,8 +12,8 @@ A resumed run loads its rank's slices of a checkpoint for its own world size (--
 --plan PLAN) and trains --steps steps from the step stored in the checkpoint, writing the losses
 and the output on the fixed input before the first step to --record.
 
-msrun also starts this script once as its scheduler process; `init()` serves the cluster there,
-so everything that depends on the rank happens after it and the scheduler returns right away.
+msrun also starts this script once as its scheduler process, where `init()` serves the cluster.
+So everything that depends on the rank happens after `init()`, and the scheduler returns there.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from model import (  # noqa: E402
     make_optimizer,
     mse,
     probe_input,
-    set_cpu_device,
     slice_of,
 )
 
@@ -95,9 +94,9 @@ class Trainer:
 def check_gradients(trainer: Trainer, weights: Dict[str, np.ndarray], rank: int) -> None:
     """Compare the loss and each gradient slice of step 0 with the full network's on one device.
 
-    A communication op whose backward pass is wrong (MindSpore's AllReduce backward is another
-    AllReduce) trains without error but with gradients off by a factor of the world size, so the
-    numbers of this example are worth nothing until this check passes.
+    A communication op with the wrong backward pass still trains without error, but its gradients
+    are off by a factor of the world size (MindSpore's AllReduce backward is another AllReduce).
+    The example's numbers mean nothing until this check passes.
     """
     layout = LAYOUTS[get_group_size()]
     x, target = (Tensor(a) for a in batch(0))
@@ -133,7 +132,10 @@ def load_slices(trainer: Trainer, source: Path, plan: Path, rank: int) -> None:
     for cell in (trainer.net, trainer.optimizer):
         not_loaded, _ = ms.load_param_into_net(cell, params, strict_load=True)
         if not_loaded:
-            raise SystemExit(f"rank {rank}: {source} holds no slice for {', '.join(not_loaded)}")
+            raise SystemExit(
+                f"rank {rank}: parameters missing from the slices loaded from {source}: "
+                f"{', '.join(not_loaded)}. Check that --plan is the layout of this run's world size."
+            )
 
 
 def load_own_rank_file(source: Path, rank: int) -> Dict[str, ms.Parameter]:
@@ -191,7 +193,7 @@ def resumed_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    set_cpu_device()
+    ms.set_device("CPU")
     init()
     if os.environ.get("MS_ROLE") == "MS_SCHED":
         return
