@@ -4,7 +4,6 @@ read exactly, what we write MindSpore loads, byte for byte the same file it woul
 from __future__ import annotations
 
 import io
-import os
 import zlib
 from pathlib import Path
 

@@ -11,15 +11,17 @@ The schema (``mindspore/train/checkpoint_pb2.py``, MindSpore 2.10)::
 ``mindspore.save_checkpoint`` writes one serialized one-Value ``Checkpoint`` per record, back to
 back, which protobuf parses as a single message. A tensor of more than 512 MiB becomes several
 consecutive records with the same tag and the full dims. Each record carries a piece of the
-C-order content, and the loader joins consecutive same-tag records. With ``crc_check=True`` the file ends
-with ``b"crc_num"`` and the CRC-32 of every byte before it as 10 big-endian bytes; the loader
-strips such a trailer whenever the last 17 bytes start with ``b"crc_num"``.
+C-order content, and the loader joins consecutive same-tag records.
+
+With ``crc_check=True`` the file ends with ``b"crc_num"`` and the CRC-32 of every byte before it
+as 10 big-endian bytes. The loader strips such a trailer whenever the last 17 bytes start with
+``b"crc_num"``.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import BinaryIO, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -30,7 +32,6 @@ from shardsmith.formats.base import (
     TensorInfo,
     _Entry,
     check_tensor_header,
-    iter_c_order,
     write_all,
 )
 
@@ -397,12 +398,11 @@ class CkptWriter(CheckpointWriter):
         if self.crc_check:
             self._crc = zlib.crc32(data, self._crc)
 
-    def _write_tensor(self, info: TensorInfo, array: np.ndarray) -> None:
+    def _write_tensor(self, info: TensorInfo, chunks: Iterator[memoryview]) -> None:
         name = info.name.encode("utf-8")
         dtype = info.dtype.encode("ascii")
         piece_size = PIECE_SIZE
         sizes = [min(piece_size, info.nbytes - start) for start in range(0, info.nbytes, piece_size)] or [0]
-        chunks = iter_c_order(array)
         pending = memoryview(b"")
         for size in sizes:
             self._emit(record_header(name, info.shape, dtype, size))
