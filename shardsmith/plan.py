@@ -27,9 +27,9 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 
 REPLICA_POLICIES = ("check", "first")
 
-# Layouts hold one entry per rank, so the world size bounds their memory; 2**20 ranks is far
-# beyond any cluster MindSpore documents (its device_num help says at most 4096) yet still lays
-# out in seconds, while a mistyped 10**12 would exhaust memory.
+# Layouts hold one entry per rank, so the world size bounds their memory. 2**20 ranks is far
+# beyond the 4096 devices MindSpore 2.10 documents for `device_num` and still lays out in
+# seconds, while a mistyped 10**12 would exhaust memory.
 MAX_WORLD_SIZE = 2**20
 _RULE_KEYS = ("match", "strategy", "replicas")
 _TOP_KEYS = ("world_size", "param", "mirror", "accepted_errors")
@@ -88,6 +88,9 @@ def loads_plan(text: str, *, path: Optional[Path] = None, registry: Optional[Str
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PlanError(f"invalid TOML: {exc}", path=path) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise PlanError("invalid TOML: arrays or tables nested too deeply", path=path) from None
     return plan_from_dict(data, path=path, registry=registry)
 
 
