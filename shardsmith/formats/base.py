@@ -15,7 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -393,8 +393,7 @@ class CheckpointWriter:
             seen.add(info.name)
             check_tensor_header(self.path, info.name, info.dtype, info.shape, info.nbytes)
 
-    def write(self, name: str, data: Union[np.ndarray, str]) -> None:
-        """Write the next entry: a storage array (any strides) or, for a str entry, a str."""
+    def _next_entry(self, name: str) -> TensorInfo:
         if self._closed:
             raise ValueError("the checkpoint writer is closed")
         if self._next >= len(self.entries):
@@ -402,7 +401,11 @@ class CheckpointWriter:
         info = self.entries[self._next]
         if name != info.name:
             raise self._error(f"written out of order: expected {info.name!r} next", param=name)
+        return info
 
+    def write(self, name: str, data: Union[np.ndarray, str]) -> None:
+        """Write the next entry: a storage array (any strides) or, for a str entry, a str."""
+        info = self._next_entry(name)
         if info.is_string:
             if not isinstance(data, str):
                 raise self._error(f"is a str entry but got {type(data).__name__}", param=name)
@@ -428,8 +431,39 @@ class CheckpointWriter:
                     f"{info.nbytes}",
                     param=name,
                 )
-            self._write_tensor(info, data)
+            self._write_tensor(info, iter_c_order(data))
         self._next += 1
+
+    def write_chunks(self, name: str, chunks: Iterable[Union[bytes, memoryview]]) -> None:
+        """Write the next tensor entry from its content: C-order bytes in buffers of any size.
+
+        The buffers are written as they come, so a tensor need never be whole in memory. Their
+        sizes must add up to the entry's ``nbytes``.
+        """
+        info = self._next_entry(name)
+        if info.is_string:
+            raise self._error("is a str entry; write it with write()", param=name)
+        checked = self._exact_size(info, chunks)
+        self._write_tensor(info, checked)
+        for _ in checked:  # raises if chunks holds more than the entry declares
+            pass
+        self._next += 1
+
+    def _exact_size(self, info: TensorInfo, chunks: Iterable[Union[bytes, memoryview]]) -> Iterator[memoryview]:
+        """Yield ``chunks`` as byte memoryviews; raise unless they hold exactly ``info.nbytes``."""
+        total = 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            total += len(view)
+            if total > info.nbytes:
+                break
+            yield view
+        if total != info.nbytes:
+            raise self._error(
+                f"the content written has {'more than ' if total > info.nbytes else ''}{total} bytes "
+                f"but the entry declares {info.nbytes}",
+                param=info.name,
+            )
 
     def close(self) -> None:
         """Finish the file once every entry is written, then close it if this writer opened it."""
@@ -466,7 +500,8 @@ class CheckpointWriter:
     def _begin(self) -> None:
         """Write what comes before the first record."""
 
-    def _write_tensor(self, info: TensorInfo, array: np.ndarray) -> None:
+    def _write_tensor(self, info: TensorInfo, chunks: Iterator[memoryview]) -> None:
+        """Write one tensor record (or several); ``chunks`` holds exactly ``info.nbytes`` bytes."""
         raise NotImplementedError
 
     def _write_string(self, info: TensorInfo, content: bytes) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from shardsmith.formats.base import (
     TensorInfo,
     _Entry,
     check_tensor_header,
-    iter_c_order,
     write_all,
 )
 
@@ -303,10 +302,10 @@ class SafetensorsWriter(CheckpointWriter):
         write_all(self._file, struct.pack("<Q", len(header)))
         write_all(self._file, header)
 
-    def _write_tensor(self, info: TensorInfo, array: np.ndarray) -> None:
+    def _write_tensor(self, info: TensorInfo, chunks: Iterator[memoryview]) -> None:
         name = info.name.encode("utf-8")
         crc = zlib.crc32(name) if self.crc_check else 0
-        for chunk in iter_c_order(array):
+        for chunk in chunks:
             write_all(self._file, chunk)
             if self.crc_check:
                 crc = zlib.crc32(chunk, crc)
