@@ -240,6 +240,36 @@ def test_write_non_contiguous_arrays(tmp_path, monkeypatch, chunk_size):
             assert reader.array(name).tobytes() == np.ascontiguousarray(array).tobytes()
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
+def test_write_chunks_matches_write(tmp_path, small_pieces, chunk):
+    arrays = list(_entries(PIECE_SAMPLES, APPEND_ENTRIES))
+    expected = _write_ours(io.BytesIO(), PIECE_SAMPLES, APPEND_ENTRIES, crc_check=True).getvalue()
+    buffer = io.BytesIO()
+    with open_writer(buffer, [info for info, _ in arrays], "ckpt", crc_check=True) as writer:
+        for info, value in arrays:
+            if info.is_string:
+                writer.write(info.name, value)
+                continue
+            content = value.tobytes()
+            writer.write_chunks(info.name, (content[start : start + chunk] for start in range(0, len(content), chunk)))
+    assert buffer.getvalue() == expected
+
+
+def test_write_chunks_checks_size():
+    entries = [TensorInfo("w", "Float32", (2,), 8), TensorInfo.of_string("note", "x")]
+    short = open_writer(io.BytesIO(), entries, "ckpt")
+    with pytest.raises(CheckpointFormatError, match="parameter 'w': the content written has 4 bytes but the entry declares 8"):
+        short.write_chunks("w", [b"abcd"])
+    long = open_writer(io.BytesIO(), entries, "ckpt")
+    with pytest.raises(CheckpointFormatError, match="has at least 12 bytes but the entry declares 8"):
+        long.write_chunks("w", [b"abcd", b"efgh", b"ijkl"])
+    with open_writer(io.BytesIO(), entries, "ckpt") as writer:
+        writer.write_chunks("w", [b"abcd", b"", b"efgh"])
+        with pytest.raises(CheckpointFormatError, match="parameter 'note': is a str entry; write it with write()"):
+            writer.write_chunks("note", [b"x\0\0\0"])
+        writer.write("note", "x")
+
+
 def test_empty_tensor_written_as_one_record(tmp_path):
     # MindSpore 2.10 writes no record for a tensor without content; we keep the parameter.
     samples = [("empty", "Float32", np.zeros((0, 3), np.float32)), ("w", "Float32", _random("Float32", (2,)))]

@@ -212,6 +212,17 @@ def test_non_contiguous_array(tmp_path):
         assert np.array_equal(reader.array("c"), full[:, ::3])
 
 
+def test_write_chunks_matches_write(tmp_path):
+    expected = _write_ours(io.BytesIO(), SAMPLES, crc_check=True).getvalue()
+    buffer = io.BytesIO()
+    entries = [TensorInfo.of_array(name, dtype, array) for name, dtype, array in SAMPLES]
+    with open_writer(buffer, entries, "safetensors", crc_check=True) as writer:
+        for name, _, array in SAMPLES:
+            content = array.tobytes()
+            writer.write_chunks(name, (content[start : start + 5] for start in range(0, len(content), 5)))
+    assert buffer.getvalue() == expected
+
+
 # -- crc_num ------------------------------------------------------------------------------------
 
 

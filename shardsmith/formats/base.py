@@ -460,7 +460,7 @@ class CheckpointWriter:
             yield view
         if total != info.nbytes:
             raise self._error(
-                f"the content written has {'more than ' if total > info.nbytes else ''}{total} bytes "
+                f"the content written has {'at least ' if total > info.nbytes else ''}{total} bytes "
                 f"but the entry declares {info.nbytes}",
                 param=info.name,
             )
