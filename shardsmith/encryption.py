@@ -9,7 +9,7 @@ the ciphertext length and the ciphertext. MindSpore's loader decrypts the whole 
 with `_decrypt`.
 
 shardsmith calls the same functions (`_encrypt`, and `_decrypt_data` on one block at a time), so
-the cipher format is MindSpore's. It never holds the whole plaintext. The reader indexes the
+the cipher format is MindSpore's. It never keeps the whole plaintext in memory. The reader indexes the
 records by decrypting the blocks that hold record headers, and later decrypts only the blocks a
 tensor's content spans. The writer encrypts each 64 MiB of records as soon as it is complete.
 Safetensors files cannot be encrypted, because MindSpore 2.10 rejects `enc_key` for them.
@@ -42,9 +42,9 @@ DEFAULT_ENC_MODE = "AES-GCM"
 # Plaintext bytes per encrypted block, as mindspore.save_checkpoint 2.10 cuts them.
 BLOCK_SIZE = 64 * 1024 * 1024
 
-# The largest encrypted block MindSpore's decryption accepts (MAX_BLOCK_SIZE in
-# mindspore/core/utils/crypto.h) plus its reserved header bytes; a size above it means the
-# file is damaged, not that a huge block follows.
+# An upper bound on one encrypted block: 64 MiB of ciphertext (MAX_BLOCK_SIZE in
+# mindspore/core/utils/crypto.h) plus room for the IV and the lengths. A larger size means the
+# file is damaged, so it is rejected before anything is read.
 _MAX_BLOCK_BYTES = 64 * 1024 * 1024 + 1024
 
 _MAGIC = {0x7F3A5ED8: "AES-GCM", 0x7F3A5ED9: "AES-CBC", 0x7F3A5EDA: "SM4-CBC"}
@@ -78,7 +78,7 @@ class Cipher:
 def load_key(key_file: Optional[Union[str, os.PathLike]] = None, environ: Mapping[str, str] = os.environ) -> Optional[bytes]:
     """Return the key from `key_file`, else from $SHARDSMITH_KEY (hex), else None.
 
-    A key file holds the raw key bytes. One trailing newline is dropped when the file would
+    A key file contains the raw key bytes. One trailing newline is dropped when the file would
     otherwise be one byte longer than a valid key, since editors add one.
     """
     if key_file is not None:
@@ -93,7 +93,7 @@ def load_key(key_file: Optional[Union[str, os.PathLike]] = None, environ: Mappin
             data = data[:-1]
         if len(data) not in (16, 24, 32):
             raise ShardsmithError(
-                f"the key file holds {len(data)} bytes, but a key is 16, 24 or 32 raw bytes",
+                f"the key file contains {len(data)} bytes, but a key is 16, 24 or 32 raw bytes",
                 path=path,
                 hint="Write the key bytes themselves, as MindSpore's enc_key, not hex or base64",
             )
@@ -106,12 +106,12 @@ def load_key(key_file: Optional[Union[str, os.PathLike]] = None, environ: Mappin
     except ValueError:
         raise ShardsmithError(f"${KEY_ENV} is not hex digits", hint="Set it to the key bytes written as hex") from None
     if len(key) not in (16, 24, 32):
-        raise ShardsmithError(f"${KEY_ENV} holds a {len(key)}-byte key, but a key is 16, 24 or 32 bytes (32, 48 or 64 hex digits)")
+        raise ShardsmithError(f"${KEY_ENV} contains a {len(key)}-byte key, but a key is 16, 24 or 32 bytes (32, 48 or 64 hex digits)")
     return key
 
 
 def cipher_from_options(key_file: Optional[Union[str, os.PathLike]], enc_mode: Optional[str]) -> Optional[Cipher]:
-    """Build the cipher the command line asks for: `--key-file` or $SHARDSMITH_KEY, and `--enc-mode`."""
+    """Build the cipher from the command-line options: `--key-file` or $SHARDSMITH_KEY, and `--enc-mode`."""
     key = load_key(key_file)
     if key is None:
         if enc_mode is not None:
@@ -471,14 +471,21 @@ class EncryptingFile:
 class EncryptedCkptWriter(CkptWriter):
     """A `.ckpt` writer whose output `mindspore.load_checkpoint(..., dec_key=KEY, dec_mode=MODE)` reads."""
 
-    def __init__(self, target: Union[str, os.PathLike, BinaryIO], entries: Sequence[TensorInfo], cipher: Cipher) -> None:
+    def __init__(
+        self,
+        target: Union[str, os.PathLike, BinaryIO],
+        entries: Sequence[TensorInfo],
+        cipher: Cipher,
+        *,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
         self._raw_owned: Optional[BinaryIO] = None
         if isinstance(target, (str, os.PathLike)):
             self._raw_owned = open(target, "wb")
             raw: BinaryIO = self._raw_owned
         else:
             raw = target
-        self._encrypting = EncryptingFile(raw, cipher)
+        self._encrypting = EncryptingFile(raw, cipher, block_size)
         try:
             # MindSpore computes no CRC for encrypted files, so none is written.
             super().__init__(self._encrypting, entries, crc_check=False)  # type: ignore[arg-type]
