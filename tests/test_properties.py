@@ -103,7 +103,7 @@ def random_values(dtype: str, shape: Sequence[int], seed: int) -> np.ndarray:
     if dtype == "Bool":
         return rng.integers(0, 2, size=shape).astype(bool)
     if dtype == "BFloat16":
-        # Values bfloat16 holds exactly, so the trip through MindSpore's float32 input is exact.
+        # Values that bfloat16 represents exactly, so the trip through MindSpore's float32 input is exact.
         return bfloat16_words(rng.integers(-512, 512, size=shape) / 8)
     storage = np.dtype({"Float32": "<f4", "Float16": "<f2", "Float64": "<f8", "Int8": "<i1", "UInt8": "<u1", "Int32": "<i4", "Int64": "<i8"}[dtype])
     if storage.kind == "f":

@@ -61,7 +61,8 @@ def test_replicas_first_warns_and_keeps_rank_0(tmp_path):
     plan = write_plan(tmp_path / "plan.toml", 2)
     result = invoke("merge", src, "--plan", plan, "-o", tmp_path / "out.ckpt", "-q", "--replicas", "first")
     assert result.exit_code == 0, result.output
-    assert "Warning:" in result.stderr and "'ln.weight'" in result.stderr
+    assert "Warning:" in result.stderr
+    assert "'ln.weight'" in result.stderr
     assert load(tmp_path / "out.ckpt")["ln.weight"][2] == ln.tobytes()
 
 
@@ -71,7 +72,8 @@ def test_plan_replicas_first_applies_to_its_rule(tmp_path):
     plan = write_plan(tmp_path / "plan.toml", 2, '[[param]]\nmatch = "bn.*"\nstrategy = "replicate"\nreplicas = "first"\n')
     result = invoke("merge", src, "--plan", plan, "-o", tmp_path / "out.ckpt", "-q")
     assert result.exit_code == 0, result.output
-    assert "Warning:" in result.stderr and "bn.moving_mean" in result.stderr
+    assert "Warning:" in result.stderr
+    assert "bn.moving_mean" in result.stderr
     assert load(tmp_path / "out.ckpt")["bn.moving_mean"][2] == stat.tobytes()
 
 
