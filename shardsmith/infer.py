@@ -771,6 +771,7 @@ def compact_rules(
         return []
 
     position = {name: i for i, name in enumerate(names)}
+    given = set(candidates)
     matchers: Dict[str, List[str]] = {}
 
     def matched(glob: str) -> List[str]:
@@ -793,8 +794,12 @@ def compact_rules(
         uncovered = set(group)
         usable = [g for g in pool if any(n in uncovered for n in matched(g)) and valid(g, assignment)]
         while uncovered and usable:
-            # Greedy cover: the glob reaching most uncovered names; among equals the most literal.
-            best = max(usable, key=lambda g: (len(uncovered.intersection(matched(g))), -g.count("*"), len(g)))
+            # Greedy cover: the glob reaching most uncovered names; among equals a given
+            # candidate, then the most literal.
+            best = max(
+                usable,
+                key=lambda g: (len(uncovered.intersection(matched(g))), g in given, -g.count("*"), len(g)),
+            )
             gain = uncovered.intersection(matched(best))
             if len(gain) < 2:
                 break
@@ -922,6 +927,56 @@ class SliceShapes(Mapping[str, List[Shape]]):
         return len(self.source.names)
 
 
+def make_resolver(
+    plan: Plan,
+    names: Sequence[str],
+    dtypes: Mapping[str, str],
+    *,
+    slice_shapes: Optional[Mapping[str, Sequence[Shape]]] = None,
+    full_shapes: Optional[Mapping[str, Shape]] = None,
+    known: Optional[Mapping[str, ParamLayout]] = None,
+    registry: Optional[StrategyRegistry] = None,
+):
+    """Return a resolver for `resolve_with`: by slice shapes (a rank set) or full shapes.
+
+    `known` seeds layouts computed earlier that still hold, so they are not computed again.
+    """
+    # NOTE: built on plan.py's private resolvers, which are the only per-parameter entry point.
+    from .plan import _FullResolver, _SliceResolver
+
+    registry = registry or get_registry()
+    if slice_shapes is not None:
+        resolver = _SliceResolver(plan, names, dtypes, slice_shapes, registry)
+    elif full_shapes is not None:
+        resolver = _FullResolver(plan, names, dtypes, full_shapes, registry)
+    else:
+        raise TypeError("make_resolver needs slice_shapes or full_shapes")
+    if known:
+        resolver.done.update(known)
+    return resolver
+
+
+def resolve_with(resolver, names: Iterable[str]) -> Tuple[Dict[str, ParamLayout], Dict[str, ShardsmithError]]:
+    """Lay out each of `names` on its own, collecting the error of each one that fails.
+
+    An error raised by the parameter a state mirrors is reported on the state as well, naming
+    that parameter. An exception other than a ShardsmithError, from a plugin's strategy,
+    becomes a LayoutError naming it.
+    """
+    results: Dict[str, ParamLayout] = {}
+    errors: Dict[str, ShardsmithError] = {}
+    for name in names:
+        try:
+            results[name] = resolver.get(name)
+        except ShardsmithError as exc:
+            if exc.param is not None and exc.param != name:
+                exc = LayoutError(f"follows '{exc.param}', which fails: {exc.format()}", param=name)
+            errors[name] = exc
+        except Exception as exc:  # a plugin strategy may raise anything; report it on its parameter
+            errors[name] = LayoutError(f"the strategy raised {type(exc).__name__}: {exc}", param=name)
+    return results, errors
+
+
 def resolve_each(
     plan: Plan,
     names: Sequence[str],
@@ -933,35 +988,12 @@ def resolve_each(
     known: Optional[Mapping[str, ParamLayout]] = None,
     registry: Optional[StrategyRegistry] = None,
 ) -> Tuple[Dict[str, ParamLayout], Dict[str, ShardsmithError]]:
-    """Lay out each parameter on its own, collecting the error of each one that fails.
+    """Lay out each parameter (or each of `only`) on its own, collecting every error.
 
     `resolve_slices` and `resolve_full` stop at the first error; an editor and a report need
     all of them. Give `slice_shapes` for a rank set or `full_shapes` for a full checkpoint.
-    `only` limits which names are laid out (their mirrored parameters are laid out as needed)
-    and `known` seeds layouts computed earlier that still hold. An exception other than a
-    ShardsmithError, from a plugin's strategy, becomes a LayoutError naming it.
     """
-    # NOTE: built on plan.py's private resolvers, which are the only per-parameter entry point.
-    from .plan import _FullResolver, _SliceResolver
-
-    registry = registry or get_registry()
-    if slice_shapes is not None:
-        resolver = _SliceResolver(plan, names, dtypes, slice_shapes, registry)
-    elif full_shapes is not None:
-        resolver = _FullResolver(plan, names, dtypes, full_shapes, registry)
-    else:
-        raise TypeError("resolve_each needs slice_shapes or full_shapes")
-    if known:
-        resolver.done.update(known)
-    results: Dict[str, ParamLayout] = {}
-    errors: Dict[str, ShardsmithError] = {}
-    for name in names if only is None else only:
-        try:
-            results[name] = resolver.get(name)
-        except ShardsmithError as exc:
-            if exc.param is not None and exc.param != name:
-                exc = LayoutError(f"follows '{exc.param}', which fails: {exc.format()}", param=name)
-            errors[name] = exc
-        except Exception as exc:  # a plugin strategy may raise anything; report it on its parameter
-            errors[name] = LayoutError(f"the strategy raised {type(exc).__name__}: {exc}", param=name)
-    return results, errors
+    resolver = make_resolver(
+        plan, names, dtypes, slice_shapes=slice_shapes, full_shapes=full_shapes, known=known, registry=registry
+    )
+    return resolve_with(resolver, names if only is None else only)

@@ -8,7 +8,9 @@ and hands its digests back through a queue the screen drains a few times a secon
 from __future__ import annotations
 
 import asyncio
+import gc
 import queue
+import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -32,8 +34,16 @@ from .components.help_screen import HelpScreen
 from .components.param_table import ParamTable
 from .model import PlanModel, write_text_atomic
 
-# Parameters laid out per batch between two frames; about 0.1 s of work on a 2-core machine.
-RESOLVE_BATCH = 400
+# Layouts are computed in slices of this many seconds of work, so keys and redraws get a
+# turn in between.
+RESOLVE_SLICE = 0.02
+RESOLVE_BATCH = 25
+
+# The hashing thread pauses HASH_PAUSE seconds after every HASH_SLICE seconds of work. Hashing
+# many small tensors is mostly Python code that holds the GIL, and without the pauses the event
+# loop waits for the GIL after every poll, so keys lag by tenths of a second.
+HASH_SLICE = 0.005
+HASH_PAUSE = 0.002
 
 
 class PlanApp(App[int]):
@@ -147,6 +157,7 @@ class PlanApp(App[int]):
         self._start()
 
     def _start(self) -> None:
+        gc.freeze()
         table = self.query_one(ParamTable)
         table.focus()
         self._update_counts()
@@ -164,10 +175,18 @@ class PlanApp(App[int]):
         model = self.model
         assert model is not None
         table = self.query_one(ParamTable)
+        loop = asyncio.get_running_loop()
         while model.pending:
-            batch = model.resolve_pending(RESOLVE_BATCH)
-            self._changed(batch)
+            started = loop.time()
+            done: List[str] = []
+            while model.pending and loop.time() - started < RESOLVE_SLICE:
+                done += model.resolve_pending(RESOLVE_BATCH)
+            self._changed(done)
             await asyncio.sleep(0)
+            if len(done) > RESOLVE_BATCH:
+                # Thousands of layouts are long-lived objects; moving them out of the collector's
+                # reach keeps full collections (a quarter second on 10,000 parameters) off the loop.
+                gc.freeze()
         table._update_size()
         table.refresh()
 
@@ -189,6 +208,7 @@ class PlanApp(App[int]):
         worker = get_current_worker()
         model = self.model
         assert model is not None
+        worked_since = time.monotonic()
         while not worker.is_cancelled:
             name = model.next_to_hash()
             if name is None:
@@ -198,6 +218,9 @@ class PlanApp(App[int]):
             except (ShardsmithError, OSError, ValueError) as exc:
                 held = exc
             self._digests_in.put((name, held))
+            if time.monotonic() - worked_since > HASH_SLICE:
+                time.sleep(HASH_PAUSE)
+                worked_since = time.monotonic()
 
     def _drain_digests(self) -> None:
         model = self.model
@@ -244,8 +267,9 @@ class PlanApp(App[int]):
         if model is None:
             return
         parts = [f"world size {model.world_size}"]
-        errors = len(model.problems(("error",)))
-        accepted = len(model.problems(("accepted", "warning")))
+        counts = model.counts()
+        errors = counts.get("error", 0)
+        accepted = counts.get("accepted", 0) + counts.get("warning", 0)
         if model.pending:
             parts.append(f"laying out {len(model.pending)}…")
         if model.rank_set:

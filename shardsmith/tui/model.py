@@ -27,7 +27,8 @@ from ..infer import (
     Want,
     compact_rules,
     glob_escape,
-    resolve_each,
+    make_resolver,
+    resolve_with,
 )
 from ..layout import Shape
 from ..plan import ParamLayout, Plan, is_scalar
@@ -126,7 +127,13 @@ class PlanModel:
         self.digests: Dict[str, RankBytes] = {}
         self.byte_problems: Dict[str, Tuple[str, bool]] = {}  # name -> (message, blocking)
         self.pending: Set[str] = set(self.names)
+        self._pending_order: Deque[str] = deque(self.names)
         self.dirty = False
+        # Bumped on every change, so views can cache what they compute from the model.
+        self.version = 0
+        self._counts: Tuple[int, Dict[str, int]] = (-1, {})
+        self._resolver = None
+        self._position = {name: i for i, name in enumerate(self.names)}
 
         self._hash_lock = threading.Lock()
         self._hash_queue: Deque[str] = deque(
@@ -236,11 +243,27 @@ class PlanModel:
         """Return (name, message) of every problem of the given levels, in display order."""
         wanted = set(levels)
         found = []
-        for name in self.order:
+        candidates = self._problem_candidates()
+        for name in (n for n in self.order if n in candidates):
             message = self.message(name)
             if message is not None and message[1] in wanted:
                 found.append((name, message[0]))
         return found
+
+    def counts(self) -> Dict[str, int]:
+        """Return how many parameters have a problem of each level (cached until the model changes)."""
+        version, counts = self._counts
+        if version != self.version:
+            counts = {}
+            for name in self._problem_candidates():
+                message = self.message(name)
+                if message is not None:
+                    counts[message[1]] = counts.get(message[1], 0) + 1
+            self._counts = (self.version, counts)
+        return counts
+
+    def _problem_candidates(self) -> Set[str]:
+        return set(self.errors) | set(self.byte_problems) | {n for n, e in self.entries.items() if e.problem}
 
     def full_shape(self, name: str) -> Optional[Shape]:
         result = self.results.get(name)
@@ -280,6 +303,7 @@ class PlanModel:
             self.globs.insert(0, glob)
         if changed:
             self.dirty = True
+            self.version += 1
         affected = self.invalidate(changed)
         if resolve:
             self.resolve_pending()
@@ -311,6 +335,9 @@ class PlanModel:
             self.errors.pop(name, None)
             self.byte_problems.pop(name, None)
         self.pending.update(affected)
+        self._pending_order = deque(sorted(self.pending, key=self._position.__getitem__))
+        self._resolver = None
+        self.version += 1
         return affected
 
     def resolve(self, changed: Optional[Set[str]] = None) -> Set[str]:
@@ -323,21 +350,30 @@ class PlanModel:
         """Lay out up to `limit` pending names (all when None), in rank 0's order; return them."""
         if not self.pending:
             return []
-        batch = [n for n in self.names if n in self.pending]
-        if limit is not None:
-            batch = batch[:limit]
+        batch = []
+        while self._pending_order and (limit is None or len(batch) < limit):
+            name = self._pending_order.popleft()
+            if name in self.pending:
+                batch.append(name)
         self.pending.difference_update(batch)
-        only = [n for n in batch if self.entries[n].problem is None]
-        plan = _AssignedPlan(self.world_size, (), self.mirror_prefixes, (), None, self._rules_by_name())
-        kwargs = {"slice_shapes": SliceShapes(self.source)} if self.rank_set else {"full_shapes": _FullShapes(self.entries)}
-        results, errors = resolve_each(
-            plan, self.names, self.dtypes, only=only, known=self.results, registry=self.registry, **kwargs
-        )
+        if self._resolver is None:
+            # One resolver serves every batch until the assignments change again.
+            self._resolver = self._make_resolver(self._rules_by_name(), self.results)
+        results, errors = resolve_with(self._resolver, [n for n in batch if self.entries[n].problem is None])
         self.results.update(results)
         self.errors.update(errors)
         for name in batch:
             self._check_bytes(name)
+        self.version += 1
         return batch
+
+    def _make_resolver(self, rules: Mapping[str, object], known: Mapping[str, ParamLayout]):
+        plan = _AssignedPlan(self.world_size, (), self.mirror_prefixes, (), None, rules)
+        if self.rank_set:
+            shapes = {"slice_shapes": SliceShapes(self.source)}
+        else:
+            shapes = {"full_shapes": _FullShapes(self.entries)}
+        return make_resolver(plan, self.names, self.dtypes, known=known, registry=self.registry, **shapes)
 
     def trial(self, names: Sequence[str], assignment: Optional[Assignment], limit: int = 200) -> Tuple[int, List[str]]:
         """Lay out the first `limit` of `names` as if `assignment` were applied, changing nothing.
@@ -355,10 +391,8 @@ class PlanModel:
                 rules[name] = assignment.rule(glob_escape(name), 0)
         affected = self._dependents(set(tried))
         known = {n: r for n, r in self.results.items() if n not in affected}
-        plan = _AssignedPlan(self.world_size, (), self.mirror_prefixes, (), None, rules)
-        kwargs = {"slice_shapes": SliceShapes(self.source)} if self.rank_set else {"full_shapes": _FullShapes(self.entries)}
         only = [n for n in tried if self.entries[n].problem is None]
-        _, errors = resolve_each(plan, self.names, self.dtypes, only=only, known=known, registry=self.registry, **kwargs)
+        _, errors = resolve_with(self._make_resolver(rules, known), only)
         messages = [errors[n].format() for n in only if n in errors]
         messages += [f"parameter '{n}': {self.entries[n].problem}" for n in tried if self.entries[n].problem is not None]
         return len(tried), messages
@@ -399,6 +433,7 @@ class PlanModel:
     def set_digests(self, name: str, held: RankBytes) -> None:
         self.digests[name] = held
         self._check_bytes(name)
+        self.version += 1
 
     def _check_bytes(self, name: str) -> None:
         """Compare the digests of ranks the layout says hold copies of the same boxes."""
