@@ -304,3 +304,41 @@ def test_load_distributed_checkpoint_reads_our_split(tmp_path, full_dir):
         expected = full[param.name]
         expected = expected.float().asnumpy() if expected.dtype == mstype.bfloat16 else expected.asnumpy()
         np.testing.assert_array_equal(loaded, expected, err_msg=param.name)
+
+
+def _same_file_bytes(a: Path, b: Path, chunk: int = 64 * 1024 * 1024) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block_a, block_b = fa.read(chunk), fb.read(chunk)
+            if block_a != block_b:
+                return False
+            if not block_a:
+                return True
+
+
+@pytest.mark.slow
+def test_merged_600mib_parameter_loads_in_mindspore(tmp_path):
+    # A 600 MiB Float32 parameter merged from two 300 MiB slices must be written as MindSpore
+    # writes it, in records of 512 MiB and 88 MiB with the same tag, and load back.
+    rows, columns = 150, 1024 * 1024
+    full = np.arange(rows * columns, dtype=np.float32).reshape(rows, columns)
+    for rank in range(2):
+        (tmp_path / "set" / f"rank_{rank}").mkdir(parents=True)
+        part = Tensor(full[rank * rows // 2 : (rank + 1) * rows // 2])
+        ms.save_checkpoint([{"name": "big", "data": part}], str(tmp_path / "set" / f"rank_{rank}" / "net.ckpt"))
+        del part
+    ms.save_checkpoint([{"name": "big", "data": Tensor(full)}], str(tmp_path / "reference.ckpt"))
+    del full
+    plan = _plan_file(tmp_path, "row", 'world_size = 2\n[[param]]\nmatch = "big"\nstrategy = "row"\n')
+
+    jobs.merge([tmp_path / "set"], plan, tmp_path / "merged.ckpt")
+
+    assert _same_file_bytes(tmp_path / "merged.ckpt", tmp_path / "reference.ckpt")
+    with open_checkpoint(tmp_path / "merged.ckpt") as reader:
+        assert [length for _, length in reader._entry("big").content] == [512 * 1024 * 1024, 88 * 1024 * 1024]
+    loaded = ms.load_checkpoint(str(tmp_path / "merged.ckpt"))["big"]
+    assert loaded.shape == (rows, columns)
+    with open_checkpoint(tmp_path / "reference.ckpt") as reference:
+        assert np.array_equal(loaded.asnumpy(), reference.array("big"))
