@@ -48,6 +48,12 @@ def manifest_path_for(target: Path) -> Path:
     return target.with_name(target.name + MANIFEST_SUFFIX)
 
 
+def _identity(path: Path) -> tuple:
+    """Return what changes when a file is rewritten in place or replaced by a rename."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -203,8 +209,10 @@ class OutputFiles:
     `rank_<r>/` subdirectories and the manifest.
     """
 
-    def __init__(self, target: Path, *, directory: bool, force: bool) -> None:
+    def __init__(self, target: Path, *, directory: bool, force: bool, inputs: Sequence[Path] = ()) -> None:
         self.target = Path(target)
+        # A checkpoint that a running job rewrites while it is read makes a mix of two steps.
+        self._inputs = {Path(p): _identity(Path(p)) for p in inputs}
         self.directory = directory
         self.force = force
         self.temp = temp_path_for(self.target)
@@ -262,6 +270,7 @@ class OutputFiles:
         renamed in with the files; beside a single file, the old manifest is removed before the
         new file is renamed in and the new manifest only follows it.
         """
+        self._check_inputs_unchanged()
         self._close_handles(sync=True)
         data = json.dumps(self.manifest(manifest), indent=2).encode() + b"\n" if manifest is not None else None
         if self.directory:
@@ -285,6 +294,20 @@ class OutputFiles:
                     os.replace(self._manifest_temp, manifest_target)
                     self._manifest_temp = None
         _fsync_dir(self.target.parent)
+
+    def _check_inputs_unchanged(self) -> None:
+        for path, identity in self._inputs.items():
+            try:
+                now = _identity(path)
+            except OSError as error:
+                raise ShardsmithError(f"input disappeared while it was read: {error.strerror or error}", path=path) from None
+            if now != identity:
+                raise ShardsmithError(
+                    "input changed while it was read (is a job still writing it?), so the output could mix "
+                    "two versions of it",
+                    path=path,
+                    hint="Run again once the input is complete",
+                )
 
     def _rename_directory(self) -> None:
         # rename() cannot replace a non-empty directory: move the old output aside first, and
@@ -330,7 +353,7 @@ def atomic_output(
     target = Path(target)
     remove_stale_temps(target)
     check_target(target, force, directory=directory, inputs=inputs)
-    out = OutputFiles(target, directory=directory, force=force)
+    out = OutputFiles(target, directory=directory, force=force, inputs=inputs)
     try:
         with _termination_as_exception():
             if directory:

@@ -27,11 +27,19 @@ def _checkpoints_in(directory: Path) -> List[Path]:
 
 def rank_dirs(directory: Path) -> Dict[int, Path]:
     """Return rank -> `rank_<r>/` subdirectory, for a directory laid out as a rank set."""
-    found = {}
-    for child in directory.iterdir():
+    found: Dict[int, Path] = {}
+    for child in sorted(directory.iterdir()):
         m = _RANK_DIR.match(child.name)
         if m and child.is_dir():
-            found[int(m.group(1))] = child
+            rank = int(m.group(1))
+            if rank in found:
+                # rank_1 and rank_01 would otherwise both be rank 1, and one of them silently lost.
+                raise RankSetError(
+                    f"{found[rank].name}/ and {child.name}/ are both rank {rank}",
+                    path=directory,
+                    hint="Keep one directory per rank, named rank_<r>",
+                )
+            found[rank] = child
     return found
 
 

@@ -335,3 +335,34 @@ def test_full_disk_leaves_nothing(tmp_path, small_tmpfs):
     assert result.exit_code == 1, result.output
     assert os.strerror(errno.ENOSPC) in result.stderr
     assert listing(small_tmpfs) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["rename", "touch"])
+def test_input_rewritten_mid_merge_fails(tmp_path, big_set, how):
+    src, plan = big_set
+    victim = rank_file(src, 3)
+
+    def rewrite(process):
+        # As a training job saving again would: MindSpore writes a new file and renames it over.
+        if how == "rename":
+            copy = victim.with_name(victim.name + ".new")
+            copy.write_bytes(victim.read_bytes())
+            os.replace(copy, victim)
+        else:
+            os.utime(victim)
+
+    result = _stop_mid_write(_cli("merge", src, "--plan", plan, "-o", tmp_path / "out.ckpt", "-q"), ".out.ckpt.shardsmith-*.tmp", tmp_path, rewrite)
+    assert result.returncode == 1, result.stderr
+    assert "input changed while it was read" in result.stderr
+    assert str(victim) in result.stderr
+    assert listing(tmp_path) == []
+
+
+def test_duplicate_rank_directories_rejected(tmp_path, small_set):
+    src, plan, w = small_set
+    (src / "rank_01").mkdir()
+    save(src / "rank_01" / "checkpoint_1.ckpt", [("w", "Float32", w[8:]), ("b", "Float32", np.ones(4, np.float32))])
+    result = invoke("merge", src, "--plan", plan, "-o", tmp_path / "out.ckpt", "-q")
+    assert result.exit_code == 1
+    assert "rank_01/ and rank_1/ are both rank 1" in result.stderr
