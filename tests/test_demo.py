@@ -3,7 +3,8 @@
 The demo trains examples/hybrid_parallel on 4 msrun CPU workers, merges and reshards the rank set
 with shardsmith and resumes on 2 workers, checking outputs and losses as it goes. These tests run
 it once into a temporary directory and check its files bit for bit against the slicing written
-by hand in examples/hybrid_parallel/model.py, which does not use shardsmith.
+by hand in examples/hybrid_parallel/model.py, which does not use shardsmith. The last tests
+check, without msrun, that the demo's checks fail on a wrong loss or a wrongly merged weight.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_ms
-
-pytestmark = pytest.mark.slow
+from conftest import load_ms, save_ms
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "hybrid_parallel"
@@ -96,6 +95,7 @@ def full_with_state(demo, tmp_path_factory):
     return load_ms(path)
 
 
+@pytest.mark.slow
 def test_demo_passes_every_check(demo):
     _, stdout = demo
     assert "FAIL" not in stdout
@@ -103,6 +103,7 @@ def test_demo_passes_every_check(demo):
     assert "All checks passed" in stdout
 
 
+@pytest.mark.slow
 def test_training_checked_gradients(demo):
     out, _ = demo
     for rank in range(4):
@@ -110,12 +111,14 @@ def test_training_checked_gradients(demo):
         assert f"rank {rank}: step-0 loss and all 8 gradient slices match the single-device run" in log
 
 
+@pytest.mark.slow
 def test_rank_files_are_hand_slices(demo, full_with_state):
     out, _ = demo
     model = _example_model()
     _assert_hand_sliced(full_with_state, out / "run4", model.LAYOUTS[4])
 
 
+@pytest.mark.slow
 def test_weights_only_merge_is_exact(demo, full_with_state):
     out, _ = demo
     merged = load_ms(out / "merged.ckpt")
@@ -124,6 +127,7 @@ def test_weights_only_merge_is_exact(demo, full_with_state):
         assert value.tobytes() == full_with_state[name].tobytes(), name
 
 
+@pytest.mark.slow
 def test_merged_shapes_are_full(demo):
     out, _ = demo
     model = _example_model()
@@ -132,12 +136,14 @@ def test_merged_shapes_are_full(demo):
         assert merged[name].shape == value.shape, name
 
 
+@pytest.mark.slow
 def test_resharded_files_are_hand_slices(demo, full_with_state):
     out, _ = demo
     model = _example_model()
     _assert_hand_sliced(full_with_state, out / "set2", model.LAYOUTS[2])
 
 
+@pytest.mark.slow
 def test_scalars_survive_reshard(demo, full_with_state):
     out, _ = demo
     assert full_with_state["global_step"].tolist() == [5]
@@ -148,6 +154,7 @@ def test_scalars_survive_reshard(demo, full_with_state):
             assert saved[name].tobytes() == full_with_state[name].tobytes(), f"rank {rank}: {name}"
 
 
+@pytest.mark.slow
 def test_resumed_losses_continue_run(demo):
     out, _ = demo
     reference = json.loads((out / "run4" / "reference.json").read_text())
@@ -158,6 +165,60 @@ def test_resumed_losses_continue_run(demo):
     np.testing.assert_allclose(resumed["probe_output"], reference["probe_output"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mindir_exported(demo):
     out, _ = demo
     assert (out / "model.mindir").stat().st_size > 0
+
+
+def _run_checks(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "demo_checks.py"), *args],
+        env=_venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _write_reference(path: Path, probe_output) -> Path:
+    reference = {
+        "world_size": 4,
+        "checkpoint_step": 5,
+        "losses_before_checkpoint": [0.5, 0.45, 0.44, 0.4, 0.41],
+        "losses_after_checkpoint": [0.39, 0.43],
+        "probe_output": np.asarray(probe_output).tolist(),
+    }
+    path.write_text(json.dumps(reference))
+    return path
+
+
+def test_resumed_check_rejects_other_loss(tmp_path):
+    reference = _write_reference(tmp_path / "reference.json", [[0.0, 1.0]])
+    record = tmp_path / "resumed.json"
+    record.write_text(json.dumps({"world_size": 2, "start_step": 5, "losses": [0.39, 0.4301], "probe_output": [[0.0, 1.0]]}))
+
+    result = _run_checks("resumed", "--reference", str(reference), "--record", str(record))
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL loss at step 6" in result.stdout
+    assert "ok   loss at step 5" in result.stdout
+
+
+@pytest.mark.slow
+def test_merged_check_rejects_swapped_blocks(tmp_path, ms):
+    model = _example_model()
+    weights = model.initial_weights()
+    probe_output = model.FullNet(weights)(ms.Tensor(model.probe_input())).asnumpy()
+    reference = _write_reference(tmp_path / "reference.json", probe_output)
+    good = save_ms(tmp_path / "good.ckpt", weights)
+    # Rows blocks 0 and 1 of fc3.weight swapped: what a merge with the wrong grid order writes.
+    top, bottom = np.split(weights["fc3.weight"], 2, axis=0)
+    swapped = save_ms(tmp_path / "swapped.ckpt", {**weights, "fc3.weight": np.concatenate([bottom, top])})
+
+    accepted = _run_checks("merged", str(good), "--reference", str(reference), "--export", str(tmp_path / "good.mindir"))
+    rejected = _run_checks("merged", str(swapped), "--reference", str(reference), "--export", str(tmp_path / "bad.mindir"))
+
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert rejected.returncode == 1, rejected.stdout + rejected.stderr
+    assert "FAIL its output on the probe input" in rejected.stdout
