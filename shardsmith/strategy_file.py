@@ -626,3 +626,17 @@ def export_strategy_file(
         out.open().write(data)
         out.commit()
     return len(items)
+
+
+def import_to_toml(path: Any, output: Any, *, world_size: Optional[int] = None, force: bool = False) -> Plan:
+    """Write the plan a strategy file describes as a TOML plan file at `output`, atomically."""
+    from .output import atomic_output
+    from .plan import dumps_plan
+
+    path, output = Path(path), Path(output)
+    plan = import_strategy_file(path, world_size)
+    text = dumps_plan(plan, header=[f"Imported from the MindSpore strategy file {path.name}."])
+    with atomic_output(output, directory=False, force=force, inputs=[path]) as out:
+        out.open().write(text.encode("utf-8"))
+        out.commit()
+    return plan

@@ -325,3 +325,18 @@ def test_is_strategy_file(tmp_path):
     assert not is_strategy_file(tmp_path / "x.toml")
     assert load_plan_or_strategy(binary).world_size == 2
     assert load_plan_or_strategy(toml).world_size == 4
+
+
+def test_import_to_toml_loads_back(tmp_path):
+    from shardsmith.plan import load_plan
+    from shardsmith.strategy_file import import_to_toml
+
+    strategy = _write_items(tmp_path / "s.ckpt", [StrategyItem("a*", (2, 2), (1, 0)), StrategyItem("b", (4,), (-1,))])
+
+    imported = import_to_toml(strategy, tmp_path / "plan.toml")
+
+    loaded = load_plan(tmp_path / "plan.toml")
+    assert loaded.rules == imported.rules
+    assert (tmp_path / "plan.toml").read_text().startswith("# Imported from the MindSpore strategy file s.ckpt.")
+    with pytest.raises(OutputExistsError):
+        import_to_toml(strategy, tmp_path / "plan.toml")
