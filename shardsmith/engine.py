@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -300,8 +301,16 @@ def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return a.tobytes() == b.tobytes()
 
 
-def _describe_values(values: Sequence[np.ndarray]) -> str:
-    return ", ".join(f"rank {r}: {v.tolist()}" for r, v in enumerate(values))
+def _format_value(array: np.ndarray, dtype: str) -> str:
+    """Format a small storage array as its values, each in the shortest form that is exact."""
+    if dtype == "BFloat16":
+        array = dt.to_float64(array, dtype).astype(np.float32)
+    items = [str(x) for x in np.asarray(array).reshape(-1)]
+    return items[0] if array.ndim == 0 else f"[{', '.join(items)}]"
+
+
+def _describe_values(values: Sequence[np.ndarray], dtype: str) -> str:
+    return ", ".join(f"rank {r}: {_format_value(v, dtype)}" for r, v in enumerate(values))
 
 
 class _Arrays:
@@ -333,14 +342,14 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
     copies = move.source.copies()
     if not copies:
         return
-    if move.source.is_replicated and move.full_shape and np.prod(move.full_shape) <= 16:
+    if move.source.is_replicated and math.prod(move.full_shape) <= 16:
         # Small replicated values such as global_step: show every rank's value when they differ.
         values = [arrays[r] for r in range(move.source.world_size)]
         differing = [r for r, v in enumerate(values) if not same_bytes(values[0], v)]
         if differing:
             largest, rank = max((_largest_difference(values[0], values[r], move.dtype)[0], r) for r in differing)
             message = (
-                f"replicated values differ across ranks ({_describe_values(values)}); "
+                f"replicated values differ across ranks ({_describe_values(values, move.dtype)}); "
                 f"largest difference {largest:.6g}, between rank 0 and rank {rank}"
             )
             _replica_failure(move, message, warn)

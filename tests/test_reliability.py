@@ -288,3 +288,30 @@ def test_split_then_merge_safetensors(tmp_path):
     assert load(rank_file(tmp_path / "split", 1))["w"][2] == w[4:].tobytes()
     assert invoke("merge", tmp_path / "split", "--plan", plan, "-o", tmp_path / "merged.safetensors", "-q").exit_code == 0
     assert load(tmp_path / "merged.safetensors") == load(full)
+
+
+def test_zero_dim_scalar_differs_lists_values(tmp_path):
+    src = save_rank_set(tmp_path / "src", [[("learning_rate", "Float32", np.array(0.01, np.float32))],
+                                           [("learning_rate", "Float32", np.array(0.02, np.float32))]])
+    result = invoke("merge", src, "--plan", write_plan(tmp_path / "plan.toml", 2, ROW_W), "-o", tmp_path / "out.ckpt", "-q")
+    assert_failed_cleanly(result, tmp_path, "'learning_rate'", "rank 0: 0.01", "rank 1: 0.02")
+
+
+def test_zero_dim_scalar_written_once(tmp_path):
+    step = [("learning_rate", "Float32", np.array(0.01, np.float32)), ("w", "Float32", np.zeros((2, 2), np.float32))]
+    src = save_rank_set(tmp_path / "src", [step, step])
+    result = invoke("merge", src, "--plan", write_plan(tmp_path / "plan.toml", 2, ROW_W), "-o", tmp_path / "out.ckpt", "-q")
+    assert result.exit_code == 0, result.output
+    assert load(tmp_path / "out.ckpt")["learning_rate"] == ("Float32", (), np.float32(0.01).tobytes())
+    assert load(tmp_path / "out.ckpt")["w"][1] == (4, 2)
+
+
+def test_split_dry_run_checks_everything(tmp_path):
+    full = save(tmp_path / "full.ckpt", [("w", "Float32", np.zeros((6, 8), np.float32))])
+    write_plan(tmp_path / "plan.toml", 4, ROW_W)
+    before = listing(tmp_path)
+    result = invoke("split", full, "--plan", tmp_path / "plan.toml", "-o", tmp_path / "out", "--dry-run", "-q")
+    assert_failed_cleanly(result, tmp_path, "'w'", "dim 0", "4 parts")
+    result = invoke("split", full, "--plan", write_plan(tmp_path / "plan.toml", 2, ROW_W), "-o", tmp_path / "out", "--dry-run", "-q")
+    assert result.exit_code == 0, result.output
+    assert listing(tmp_path) == before
