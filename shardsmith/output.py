@@ -146,6 +146,9 @@ def check_target(target: Path, force: bool, *, directory: bool, inputs: Sequence
     if directory != target.is_dir():
         kind = "a directory" if target.is_dir() else "a file"
         raise OutputExistsError(f"output exists and is {kind}; remove it first", path=target)
+    if not directory and not (target.is_file() or target.is_symlink()):
+        # --force must not turn /dev/null or a FIFO into a checkpoint file.
+        raise OutputExistsError("output exists and is not a regular file, so --force does not replace it", path=target)
 
 
 class HashingFile:

@@ -74,6 +74,9 @@ class Plan:
 def load_plan(path: Any, registry: Optional[StrategyRegistry] = None) -> Plan:
     """Read and validate a plan file; every error names the file, the rule and the field."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # Reading a FIFO would block until something writes to it.
+        raise PlanError("the plan is not a regular file", path=path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

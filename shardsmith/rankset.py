@@ -78,10 +78,18 @@ def resolve_paths(paths: Sequence[Path], select: Optional[str] = None) -> List[P
         if not ranks:
             return [pick_checkpoint(directory, select, 0)]
         world = max(ranks) + 1
-        missing = [r for r in range(world) if r not in ranks]
-        if missing:
+        if len(ranks) != world:
+            # Only the first gaps: a stray rank_99999999 must not make a list of every missing rank.
+            missing = []
+            for r in range(world):
+                if r not in ranks:
+                    missing.append(f"rank_{r}")
+                    if len(missing) == 8:
+                        break
+            more = world - len(ranks) - len(missing)
             raise RankSetError(
-                f"rank directories are not numbered 0..{world - 1}: missing {', '.join(f'rank_{r}' for r in missing)}",
+                f"rank directories are not numbered 0..{world - 1}: missing {', '.join(missing)}"
+                + (f" and {more} more" if more else ""),
                 path=directory,
             )
         return [pick_checkpoint(ranks[r], select, r) for r in range(world)]
@@ -91,6 +99,9 @@ def resolve_paths(paths: Sequence[Path], select: Optional[str] = None) -> List[P
             raise RankSetError(
                 "is a directory; give either one rank-set directory or the rank files in rank order", path=p
             )
+        if not p.is_file():
+            # Opening a FIFO would block until something writes to it; a device has no end.
+            raise RankSetError("is not a regular file", path=p)
         files.append(p)
     return files
 

@@ -315,3 +315,42 @@ def test_fuzzer_finding_stays_fixed(tmp_path, path):
     assert "Traceback" not in result.output
     if result.exit_code == 1:
         assert result.stderr.lstrip().startswith("Error: ")
+
+
+# -- special files ---------------------------------------------------------------------------
+
+
+def test_fifo_input_never_blocks(tmp_path):
+    fifo = tmp_path / "rank.ckpt"
+    os.mkfifo(fifo)
+    plan_fifo = tmp_path / "plan.toml"
+    os.mkfifo(plan_fifo)
+    good = tmp_path / "good.ckpt"
+    good.write_bytes(GOOD)
+    for args, needle in [
+        (["inspect", fifo], "is not a regular file"),
+        (["merge", good, fifo, "--plan", write_plan(tmp_path / "x.toml", 2), "-o", tmp_path / "out.ckpt"], "is not a regular file"),
+        (["split", good, "--plan", plan_fifo, "-o", tmp_path / "out"], "the plan is not a regular file"),
+    ]:
+        process = subprocess.run([sys.executable, "-m", "shardsmith.cli", *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert process.returncode == 1, process.stderr
+        assert needle in process.stderr
+
+
+def test_force_never_replaces_a_device(tmp_path):
+    good = tmp_path / "good.ckpt"
+    good.write_bytes(GOOD)
+    result = invoke("merge", good, "--plan", write_plan(tmp_path / "plan.toml", 1), "-o", "/dev/null", "--format", "ckpt", "--force", "-q")
+    assert result.exit_code == 1
+    assert "not a regular file" in result.stderr
+    assert Path("/dev/null").is_char_device()
+
+
+def test_stray_huge_rank_directory(tmp_path):
+    (tmp_path / "src" / "rank_0").mkdir(parents=True)
+    (tmp_path / "src" / "rank_0" / "a.ckpt").write_bytes(GOOD)
+    (tmp_path / "src" / "rank_99999999999").mkdir()
+    result = invoke("inspect", tmp_path / "src")
+    assert result.exit_code == 1
+    assert "missing rank_1, rank_2" in result.stderr
+    assert "and 99999999990 more" in result.stderr
