@@ -221,3 +221,31 @@ def test_reshard_dry_run_writes_nothing(tmp_path):
     assert [f["path"] for f in json.loads(result.stdout)["files"]] == [f"rank_{r}/checkpoint_{r}.ckpt" for r in range(4)]
     assert listing(tmp_path) == before
     assert rank_file(src, 0).exists()
+
+
+def test_verify_tolerance_across_chunks(tmp_path, monkeypatch):
+    import shardsmith.verify
+
+    monkeypatch.setattr(shardsmith.verify, "_CHUNK_ELEMENTS", 5)
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    other = base.copy()
+    other[0, 1] += 0.5
+    other[3, 4] += 2.0  # element 22, in the fifth chunk
+    other[2, 0] = np.nextafter(np.float32(12.0), np.float32(13.0))  # within atol, but other bytes
+    a = save(tmp_path / "a.ckpt", [("w", "Float32", base)])
+    b = save(tmp_path / "b.ckpt", [("w", "Float32", other)])
+    result = invoke("verify", a, b, "--atol", "1e-3")
+    assert result.exit_code == 1
+    assert "in 2 of 24 elements" in result.stdout
+    assert "largest difference 2 at index [3, 4]" in result.stdout
+    result = invoke("verify", a, b)
+    assert "bytes differ (3 of 24 elements)" in result.stdout
+
+
+def test_verify_nan_against_number(tmp_path):
+    a = save(tmp_path / "a.ckpt", [("w", "Float32", np.array([1.0, np.nan, 3.0], np.float32))])
+    b = save(tmp_path / "b.ckpt", [("w", "Float32", np.array([1.0, 2.0, 3.0], np.float32))])
+    result = invoke("verify", a, b, "--atol", "10")
+    assert result.exit_code == 1
+    assert "largest difference inf at index [1]" in result.stdout
+    assert invoke("verify", a, a, "--atol", "0").exit_code == 0
