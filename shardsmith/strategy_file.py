@@ -279,6 +279,18 @@ def expand_opt_shard(item: StrategyItem, path: Optional[Path] = None) -> Tuple[L
     repeated = [i for i, n in enumerate(dev_matrix) if i not in used and n > 1]
     if not repeated:
         raise fail("every device axis already splits the tensor, so no ranks hold copies to shard over")
+    nested = any(not isinstance(entry, int) for entry in tensor_map)
+    if not nested and repeated == [0] and ndev > 1:
+        # With the outermost axis as the only copies, transform_checkpoints 2.10 renumbers the
+        # split axes in dimension order (`_construct_tensor_layout_for_opt_shard`), which is the
+        # general rule above only when they already are in that order.
+        split_axes = [ndev - 1 - m for m in tensor_map if m != -1 and dev_matrix[ndev - 1 - m] > 1]
+        if split_axes != sorted(split_axes):
+            raise fail(
+                "its split axes are not in dimension order, and for such a layout MindSpore 2.10's "
+                "transform_checkpoints and its general rule give the ranks different slices, so the "
+                "layout is ambiguous"
+            )
     remaining = size if size != -1 else math.prod(dev_matrix[i] for i in repeated)
 
     # Walk the unmapped axes from the innermost out. The last one taken may be cut in two,

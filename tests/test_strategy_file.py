@@ -236,6 +236,12 @@ def test_expand_opt_shard_rejects_wrong_step():
         expand_opt_shard(item)
 
 
+def test_expand_opt_shard_rejects_ambiguous_order():
+    item = StrategyItem("w", (2, 2, 2), (0, 1), opt_weight_shard_step=4, opt_weight_shard_size=2)
+    with pytest.raises(PlanError, match=r"parameter 'w'.*split axes are not in dimension order"):
+        expand_opt_shard(item)
+
+
 def test_expand_opt_shard_rejects_too_large_size():
     item = StrategyItem("w", (2, 2), (-1, 0), opt_weight_shard_step=2, opt_weight_shard_size=4)
     with pytest.raises(PlanError, match=r"parameter 'w'.*needs more ranks than there are copies"):

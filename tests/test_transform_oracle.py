@@ -257,25 +257,40 @@ tensor_map = [[2, 0], -1]
     assert ours[1]["fc2.weight"][1] == (4, 8)
 
 
-def test_opt_shard_strategy_matches_mindspore(tmp_path, full_dir):
-    # dev_matrix [4, 2]: dim 1 of each weight split over the 2 model-parallel ranks, and the
-    # parallel optimizer cuts dim 0 in 2 over pairs of data-parallel copies 2 ranks apart.
-    items = []
-    for name in ("fc1.weight", "moments.fc1.weight", "embedding.table", "moments.embedding.table"):
-        items.append(StrategyItem(name, (4, 2), (-1, 0), opt_weight_shard_step=2, opt_weight_shard_size=2))
+# (dev_matrix, tensor_map, opt_weight_shard_step, opt_weight_shard_size) that MindSpore's
+# transform_checkpoints and shardsmith read the same way: copies on one or several axes, an axis
+# cut in two, size -1 (every copy), and weights split or replicated by the model-parallel axes.
+OPT_SHARD_CASES = [
+    ((4, 2), (-1, 0), 2, 2),
+    ((2, 2), (-1, -1), 1, 2),
+    ((2, 2), (-1, -1), 1, -1),
+    ((2, 2, 2), (1, -1), 1, 2),
+    ((2, 2, 2), (0, -1), 2, -1),
+    ((2, 2, 2), (-1, 0), 2, 4),
+    ((2, 2, 2), (1, 0), 4, 2),
+]
+
+
+@pytest.mark.parametrize(("dev_matrix", "tensor_map", "step", "size"), OPT_SHARD_CASES)
+def test_opt_shard_strategy_matches_mindspore(tmp_path, full_dir, dev_matrix, tensor_map, step, size):
+    items = [
+        StrategyItem(name, dev_matrix, tensor_map, opt_weight_shard_step=step, opt_weight_shard_size=size)
+        for name in ("fc1.weight", "moments.fc1.weight", "embedding.table", "moments.embedding.table")
+    ]
     strategy = tmp_path / "opt_shard.ckpt"
     strategy.write_bytes(strategy_file_bytes(items))
     plan_path = _plan_file(tmp_path, "imported", dumps_plan(import_strategy_file(strategy)))
+    world_size = int(np.prod(dev_matrix))
 
     _transform(full_dir, tmp_path / "theirs", "checkpoint_", None, strategy)
     jobs.split(_full_file(full_dir), plan_path, tmp_path / "ours")
     jobs.merge([tmp_path / "theirs"], plan_path, tmp_path / "merged.ckpt")
 
-    ours = _rank_set(tmp_path / "ours", 8)
-    theirs = _rank_set(tmp_path / "theirs", 8)
-    for rank in range(8):
+    ours = _rank_set(tmp_path / "ours", world_size)
+    theirs = _rank_set(tmp_path / "theirs", world_size)
+    for rank in range(world_size):
         _assert_same(ours[rank], theirs[rank], f"opt shard rank {rank}")
-    assert ours[0]["fc1.weight"][1] == (4, 8)
+    assert ours[0]["fc1.weight"][1] != PARAMS["fc1.weight"][1]
     _assert_same(_contents(tmp_path / "merged.ckpt"), _contents(_full_file(full_dir)), "merge of the opt-sharded set")
 
 
