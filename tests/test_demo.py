@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,48 @@ def test_resumed_losses_continue_run(demo):
 def test_mindir_exported(demo):
     out, _ = demo
     assert (out / "model.mindir").stat().st_size > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["full", "rank_set_of_4"])
+def test_resume_loads_other_sources(demo, source, tmp_path):
+    """Resume on 2 ranks with load_rank_slice reading a full checkpoint or the 4-rank set directly."""
+    out, _ = demo
+    if source == "full":
+        full = tmp_path / "full.ckpt"
+        subprocess.run(
+            ["shardsmith", "merge", str(out / "run4"), "--plan", str(EXAMPLE / "plan_4.toml"), "-o", str(full)],
+            env=_venv_env(),
+            check=True,
+            capture_output=True,
+        )
+        resume = ["--resume", str(full)]
+    else:
+        resume = ["--resume", str(out / "run4"), "--source-plan", str(EXAMPLE / "plan_4.toml")]
+    record = tmp_path / "resumed.json"
+    logs = tmp_path / "logs"
+    command = [
+        "msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", f"--log_dir={logs}", "--join=True",
+        str(EXAMPLE / "train.py"), *resume, "--plan", str(EXAMPLE / "plan_2.toml"),
+        "--steps", "2", "--record", str(record),
+    ]  # fmt: skip
+
+    result = subprocess.run(command, env=_venv_env(), capture_output=True, text=True, timeout=300)
+
+    worker_logs = "\n".join(log.read_text()[-3000:] for log in sorted(logs.glob("*.log")))
+    assert result.returncode == 0, worker_logs
+    reference = json.loads((out / "run4" / "reference.json").read_text())
+    resumed = json.loads(record.read_text())
+    assert resumed["start_step"] == 5
+    np.testing.assert_allclose(resumed["losses"], reference["losses_after_checkpoint"], rtol=1e-5)
+    np.testing.assert_allclose(resumed["probe_output"], reference["probe_output"], rtol=1e-5, atol=1e-6)
 
 
 def _run_checks(*args: str) -> subprocess.CompletedProcess:

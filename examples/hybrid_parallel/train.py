@@ -8,9 +8,10 @@ the checkpoint. Those are what a merged or resharded copy of the checkpoint must
     msrun --worker_num=4 --local_worker_num=4 --master_port=P --join=True \\
         train.py --out OUT --steps 5 --extra-steps 2 --check-grads
 
-A resumed run loads its rank's slices of a checkpoint for its own world size (--resume SOURCE
---plan PLAN) and trains --steps steps from the step stored in the checkpoint, writing the losses
-and the output on the fixed input before the first step to --record.
+A resumed run (--resume SOURCE --plan PLAN) loads its rank's slices under PLAN, its own world
+size, with shardsmith.online.load_rank_slice. SOURCE is a full checkpoint or a rank set of any
+world size laid out by --source-plan. The run then trains --steps steps from the step stored in
+the checkpoint and writes the losses and its output on the fixed input to --record.
 
 msrun also starts this script once as its scheduler process, where `init()` serves the cluster.
 So everything that depends on the rank happens after `init()`, and the scheduler returns there.
@@ -53,6 +54,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--check-grads", action="store_true", help="compare the first step's gradients with a single-device run")
     parser.add_argument("--resume", type=Path, help="checkpoint to resume from: a full file or a rank set")
     parser.add_argument("--plan", type=Path, help="shardsmith plan of this run's world size (with --resume)")
+    parser.add_argument(
+        "--source-plan",
+        type=Path,
+        help="plan the --resume rank set is laid out by (default: --plan); not used for a full checkpoint",
+    )
     parser.add_argument("--record", type=Path, help="JSON file for the losses of a resumed run")
     args = parser.parse_args()
     if args.resume is None and args.out is None:
@@ -121,30 +127,23 @@ def check_gradients(trainer: Trainer, weights: Dict[str, np.ndarray], rank: int)
     print(f"rank {rank}: step-0 loss and all {len(grads)} gradient slices match the single-device run")
 
 
-def load_slices(trainer: Trainer, source: Path, plan: Path, rank: int) -> None:
-    """Load this rank's slices of the network and of its optimizer state from `source`."""
-    try:
-        from shardsmith.online import load_rank_slice
-    except ImportError:
-        params = load_own_rank_file(source, rank)
-    else:
-        params = load_rank_slice(str(source), str(plan))
+def load_slices(trainer: Trainer, args: argparse.Namespace, rank: int) -> None:
+    """Load this rank's slices of the network and of its optimizer state from `args.resume`."""
+    from shardsmith.online import load_rank_slice
+
+    source_plan = args.source_plan
+    if source_plan is None and args.resume.is_dir():
+        source_plan = args.plan
+    params = load_rank_slice(
+        str(args.resume), str(args.plan), source_plan=str(source_plan) if source_plan else None
+    )
     for cell in (trainer.net, trainer.optimizer):
         not_loaded, _ = ms.load_param_into_net(cell, params, strict_load=True)
         if not_loaded:
             raise SystemExit(
-                f"rank {rank}: parameters missing from the slices loaded from {source}: "
+                f"rank {rank}: parameters missing from the slices loaded from {args.resume}: "
                 f"{', '.join(not_loaded)}. Check that --plan is the layout of this run's world size."
             )
-
-
-def load_own_rank_file(source: Path, rank: int) -> Dict[str, ms.Parameter]:
-    # TODO: shardsmith.online.load_rank_slice replaces this once it exists: it also reads a full
-    # checkpoint or a rank set of another world size, where this only reads the rank set of `plan`.
-    files = sorted((source / f"rank_{rank}").glob("*.ckpt"))
-    if len(files) != 1:
-        raise SystemExit(f"rank {rank}: expected one .ckpt in {source / f'rank_{rank}'}, found {len(files)}")
-    return ms.load_checkpoint(str(files[0]))
 
 
 def format_losses(losses: List[float]) -> str:
@@ -180,7 +179,7 @@ def fresh_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
 def resumed_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
     # The initial weights only give the cells their shapes; every value is then overwritten.
     trainer = Trainer(ParallelNet(initial_weights(), LAYOUTS[world_size], rank))
-    load_slices(trainer, args.resume, args.plan, rank)
+    load_slices(trainer, args, rank)
 
     start = trainer.global_step()
     probe_output = trainer.probe()
