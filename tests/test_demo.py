@@ -255,7 +255,7 @@ def test_merged_check_rejects_swapped_blocks(tmp_path, ms):
     probe_output = model.FullNet(weights)(ms.Tensor(model.probe_input())).asnumpy()
     reference = _write_reference(tmp_path / "reference.json", probe_output)
     good = save_ms(tmp_path / "good.ckpt", weights)
-    # Rows blocks 0 and 1 of fc3.weight swapped: what a merge with the wrong grid order writes.
+    # Row blocks 0 and 1 of fc3.weight swapped: what a merge with the wrong grid order writes.
     top, bottom = np.split(weights["fc3.weight"], 2, axis=0)
     swapped = save_ms(tmp_path / "swapped.ckpt", {**weights, "fc3.weight": np.concatenate([bottom, top])})
 

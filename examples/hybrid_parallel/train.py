@@ -111,12 +111,13 @@ def check_gradients(trainer: Trainer, weights: Dict[str, np.ndarray], rank: int)
     full = FullNet(weights)
     full_params = {p.name: p for p in full.trainable_params()}
     names = list(full_params)
-    full_loss, full_grads = ms.value_and_grad(lambda x, t: mse(full(x), t), None, [full_params[n] for n in names])(x, target)
+    full_grad_fn = ms.value_and_grad(lambda x, t: mse(full(x), t), None, [full_params[n] for n in names])
+    full_loss, full_grads = full_grad_fn(x, target)
     full_grads = dict(zip(names, (g.asnumpy() for g in full_grads)))
 
     failures = []
     if not np.allclose(loss.asnumpy(), full_loss.asnumpy(), rtol=1e-5, atol=1e-7):
-        failures.append(f"loss {loss.asnumpy()} != single-device {full_loss.asnumpy()}")
+        failures.append(f"loss {loss.asnumpy()} differs from the single-device loss {full_loss.asnumpy()}")
     for param, grad in zip(trainer.params, grads):
         expected = slice_of(param.name, full_grads[param.name], layout, rank)
         if not np.allclose(grad.asnumpy(), expected, rtol=1e-4, atol=1e-6):
