@@ -51,9 +51,18 @@ run_msrun() {
     port=$(free_port)
     printf '$ msrun --worker_num=%s --local_worker_num=%s --master_port=%s --join=True %s\n' \
         "$workers" "$workers" "$port" "$*"
-    if ! timeout --kill-after=30 "$msrun_timeout" \
+    # msrun stops its workers on SIGINT only: after SIGTERM or SIGKILL they keep running, each in a
+    # process group of its own. So the timeout sends SIGINT, and so does an interrupt of this script
+    # (timeout runs msrun outside the terminal's process group, where Ctrl-C would not reach it).
+    timeout --signal=INT --kill-after=30 "$msrun_timeout" \
         msrun --worker_num="$workers" --local_worker_num="$workers" --master_addr=127.0.0.1 \
-        --master_port="$port" --log_dir="$log_dir" --join=True "$@" >"$log_dir/msrun.log" 2>&1; then
+        --master_port="$port" --log_dir="$log_dir" --join=True "$@" >"$log_dir/msrun.log" 2>&1 &
+    local job=$!
+    trap 'kill -INT "$job" 2>/dev/null; wait "$job"; fail "interrupted; the msrun job was stopped"' INT TERM
+    local status=0
+    wait "$job" || status=$?
+    trap - INT TERM
+    if [ "$status" -ne 0 ]; then
         show_logs "$log_dir"
         fail "the msrun job with $workers workers failed or timed out after ${msrun_timeout}s; logs in $log_dir"
     fi

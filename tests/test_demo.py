@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -172,6 +173,17 @@ def test_mindir_exported(demo):
     assert (out / "model.mindir").stat().st_size > 0
 
 
+def _run_msrun(command: list, timeout: float) -> int:
+    """Run msrun and return its exit code; on timeout stop it with SIGINT, which also stops its workers."""
+    process = subprocess.Popen(command, env=_venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+        raise
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -203,10 +215,10 @@ def test_resume_loads_other_sources(demo, source, tmp_path):
         "--steps", "2", "--record", str(record),
     ]  # fmt: skip
 
-    result = subprocess.run(command, env=_venv_env(), capture_output=True, text=True, timeout=300)
+    returncode = _run_msrun(command, timeout=300)
 
     worker_logs = "\n".join(log.read_text()[-3000:] for log in sorted(logs.glob("*.log")))
-    assert result.returncode == 0, worker_logs
+    assert returncode == 0, worker_logs
     reference = json.loads((out / "run4" / "reference.json").read_text())
     resumed = json.loads(record.read_text())
     assert resumed["start_step"] == 5
