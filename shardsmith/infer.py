@@ -6,9 +6,9 @@ shape, and so do a row and a column split. The evidence used here is what is rea
 - the bytes each rank holds: ranks with equal digests hold copies, so one digest on every rank
   means replicated and the groups of equal ranks pin down how many parts a split has and which
   ranks are data-parallel copies;
-- a reference checkpoint of the same network on one device (`like`), which gives the full
-  shapes, and with them the split factor of every dimension; where its values equal the slices'
-  they also tell apart layouts that shapes and copies cannot;
+- a reference checkpoint of the same network on one device (`like`). It gives the full shapes,
+  and with them the split factor of every dimension. Where its values equal the slices', they
+  also tell apart layouts that shapes and copies cannot;
 - optimizer-state names, which make a state follow its parameter (`mirror`).
 
 Where the evidence allows several layouts the one SPEC names first is taken: the built-in
@@ -92,7 +92,7 @@ class Assignment:
         return {k: _thaw(v) for k, v in self.options}
 
     def summary(self) -> str:
-        """The strategy and its options in one line: `grid(grid=[2, 2])`, `row`."""
+        """Return the strategy and its options in one line: `grid(grid=[2, 2])`, `row`."""
         shown = ", ".join(f"{k}={_thaw(v)}" for k, v in self.options)
         text = f"{self.strategy}({shown})" if shown else self.strategy
         if self.replicas != "check":
@@ -133,7 +133,7 @@ class RankBytes:
 
 
 def _uint_view(array: np.ndarray) -> np.ndarray:
-    """The array's elements as unsigned integers of the same size, so equality is bitwise (NaN == NaN)."""
+    """Return the elements as unsigned integers of the same size, so equality is bitwise (NaN == NaN)."""
     flat = np.ascontiguousarray(array).reshape(-1)
     return flat.view(f"u{flat.dtype.itemsize}") if flat.dtype.itemsize in (1, 2, 4, 8) else flat.view(np.uint8)
 
@@ -178,7 +178,7 @@ def _partition_of(layout: Layout) -> List[List[int]]:
 
 
 def _refines(layout: Layout, partition: Sequence[Sequence[int]]) -> bool:
-    """Return whether every group of copies in `layout` holds equal bytes."""
+    """Return whether the ranks of every group of copies in `layout` have equal digests."""
     class_of = {rank: i for i, group in enumerate(partition) for rank in group}
     return all(len({class_of[r] for r in group}) == 1 for group in layout.replica_groups())
 
@@ -289,8 +289,8 @@ class Inference:
     """What was inferred for one parameter.
 
     `summary` is the layout for tables ("row", "grid(grid=[2, 2])", "replicate", "mirror of 'w'",
-    or "?" when undecided); `certain` is True when the evidence allows only this layout;
-    `reason` says which evidence decided it or what is missing. `assignment` is the rule to
+    or "?" when undecided). `certain` is True when the evidence allows only this layout.
+    `reason` names the evidence that decided it, or what is missing. `assignment` is the rule to
     write (None for scalars, for states that follow their parameter by default, and for
     undecided parameters); `candidates` lists the layouts still open.
     """
@@ -528,7 +528,7 @@ def _infer_without_full(
 
 
 def _factorizations(parts: int, ndim: int) -> List[Tuple[int, ...]]:
-    """All ways to write `parts` as a product of `ndim` factors, one per dim, dim 0 split first."""
+    """Return every way to write `parts` as a product of `ndim` factors, one per dim, dim 0 split first."""
     if ndim == 0:
         return [()] if parts == 1 else []
     result = []
@@ -636,7 +636,7 @@ def infer_layouts(
 
     `like` is a full checkpoint of the same network (a path or an open Source) that gives full
     shapes. With `check_bytes` every slice is read once, one parameter and one rank at a time,
-    to find which ranks hold copies; without it only shapes are used and most splits stay
+    to find which ranks hold copies. Without it only shapes are used, so most splits stay
     undecided. `progress(done, total, name)` is called before each parameter.
     """
     registry = registry or get_registry()
@@ -675,7 +675,7 @@ def _follow_parents(
             result[name] = inference
             continue
         if parent.assignment is None or parent.assignment.strategy == "replicate":
-            # The default replicates a state of a replicated parameter; keep its own answer.
+            # The default replicates a state of a replicated parameter, so keep its own inference.
             result[name] = inference
             continue
         full = _mirror_fits(name, parent, source, held_by_name.get(name), registry)
@@ -706,9 +706,9 @@ def _follow_parents(
 class Want:
     """What the plan must give one parameter.
 
-    `required` is the assignment a matching rule must carry (None: no rule may match);
-    `default_ok` says the plan may also leave the name to the default (replicate, or mirror for
-    an optimizer state of a split parameter) because that lays it out the same way.
+    `required` is the assignment a matching rule must carry (None: no rule may match).
+    `default_ok` is True when the plan may also leave the name to the default (replicate, or
+    mirror for an optimizer state of a split parameter) because that lays it out the same way.
     """
 
     required: Optional[Assignment]
@@ -758,8 +758,9 @@ def compact_rules(
     """Write one rule per group of parameters that share an assignment, with globs where they fit.
 
     `wants[name]` is None for names no rule may affect (scalars). A glob is used only if every
-    name it matches accepts its assignment, so the order of the rules does not matter and the
-    result lays out every name exactly as wanted; names no glob covers get an exact-name rule.
+    name it matches accepts its assignment. The order of the rules therefore does not matter,
+    and the result lays out every name exactly as requested. Names no glob covers get an
+    exact-name rule.
     `candidates` are globs to try first (the user's own, or an existing plan's).
     """
     needed: Dict[Assignment, List[str]] = {}

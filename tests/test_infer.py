@@ -1,9 +1,9 @@
 """`shardsmith plan --auto` and the inference behind it, on rank sets written by MindSpore.
 
 Every rank set is sliced by hand here with numpy (the oracle), one case per built-in strategy,
-then saved with `mindspore.save_checkpoint`. Given the full checkpoint (`--like`) the inferred
-plan must be exactly the strategy the slices were cut by; without it, the inference must decide
-what slices and bytes show and list as undecided exactly what they cannot show.
+then saved with `mindspore.save_checkpoint`. Given the full checkpoint (`--like`), the inferred
+plan must be exactly the strategy the slices were cut by. Without it, the inference must decide
+what slices and bytes show, and list as undecided exactly what they cannot show.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def test_without_like_lists_what_it_cannot_tell(network):
     inferences = result.inferences
     # 2-D slices whose ranks hold different bytes: split, but along which dim only full shapes show.
     two_d_splits = ["row.weight", "row2.weight", "column.weight", "grid.weight", "colmajor.weight", "interleaved.weight"]
-    # The states cannot follow an undecided parameter; the zero state's equal bytes say nothing.
+    # A state cannot follow an undecided parameter, and the zero state's equal bytes prove nothing.
     assert result.undecided == two_d_splits + ["moments.row.weight"]
     assert inferences["moments.grid.weight"].summary == "replicate"
     assert not inferences["moments.grid.weight"].certain
@@ -214,7 +214,9 @@ def test_without_like_lists_what_it_cannot_tell(network):
     # What is undecided says why and what would decide it.
     reason = inferences["row.weight"].reason
     assert "split in 4 parts" in reason
-    assert "row -> [8, 6]" in reason and "column -> [2, 24]" in reason and "grid(grid=[2, 2]) -> [4, 12]" in reason
+    assert "row -> [8, 6]" in reason
+    assert "column -> [2, 24]" in reason
+    assert "grid(grid=[2, 2]) -> [4, 12]" in reason
     assert "--like" in reason
     assert "copies on ranks 0,2 | 1,3" in inferences["row2.weight"].reason
     assert "copies on ranks 0,1 | 2,3" in inferences["interleaved.weight"].reason

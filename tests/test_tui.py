@@ -1,9 +1,10 @@
 """The plan editor, driven headless with Textual's Pilot on a rank set written by MindSpore.
 
-The user's path through the app: filter to one parameter and give it a `grid`, mark a glob and
-give it `row`, try a choice that cannot work and see the error in the dialog and on the row, be
-stopped from saving over it, fix it, save. The saved plan must lay out every parameter as the
-slices were cut, and `shardsmith merge` with it must give back the full tensors bit for bit.
+The main test follows a user through the app. It filters to one parameter and gives it a
+`grid`, marks a glob and gives it `row`, and tries a choice that cannot work, which shows an error
+in the dialog and on the row. Saving is then stopped until the error is fixed. The saved plan must
+lay out every parameter as the slices were cut, and `shardsmith merge` with it must give back the
+full tensors bit for bit.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ async def test_editor_assign_check_save(rank_set, tmp_path, cli):
         await pilot.press("slash", *"grid.weight", "enter")
         assert table.rows == ["grid.weight"]
         screen = await assign_in_dialog(pilot, app, 2, {"grid": "2, 2"})
-        assert "✓ grid(grid=[2, 2]) lays out all 1 parameters" in check_text(screen)
+        assert "✓ grid(grid=[2, 2]) lays out the parameter." in check_text(screen)
         await pilot.click("#apply")
         await app.wait_until_settled()
         assert model.assignments["grid.weight"] == Assignment.make("grid", {"grid": [2, 2]})
@@ -168,11 +169,11 @@ async def test_editor_assign_check_save(rank_set, tmp_path, cli):
         assert model.full_shape("moments.layers.0.wq.weight") == (8, 6)
         assert model.message("moments.layers.0.wq.weight") is None
 
-        # An impossible choice: a grid of 3 tiles over 4 ranks. The dialog says so before Apply.
+        # An impossible choice: a grid of 3 tiles over 4 ranks. The dialog shows it before Apply.
         table.move_to("layers.0.wo.weight")
         screen = await assign_in_dialog(pilot, app, 2, {"grid": "3, 1"})
         text = check_text(screen)
-        assert "✗ 1 of all 1 parameters fail" in text
+        assert "✗ it fails; Apply assigns it anyway" in text
         assert "grid [3, 1] has 3 tiles, which does not divide world size 4" in text
         await pilot.click("#apply")
         await app.wait_until_settled()
@@ -189,7 +190,7 @@ async def test_editor_assign_check_save(rank_set, tmp_path, cli):
         await pilot.press("escape")
         await pilot.pause()
 
-        # Saving while an error stands asks; Cancel writes nothing.
+        # Saving while an error is open asks first, and Cancel writes nothing.
         await pilot.press("ctrl+s")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmScreen)
@@ -331,7 +332,8 @@ async def test_full_checkpoint_asks_for_world_size(tmp_path, ms):
         await app.wait_until_settled()
         await pilot.pause()
         model = app.model
-        assert model.world_size == 4 and not model.rank_set
+        assert model.world_size == 4
+        assert not model.rank_set
         model.assign(["layers.0.wq.weight"], Assignment.make("row", {"parts": 3}))
         message = model.message("layers.0.wq.weight")
         assert "3 parts do not fit world size 4" in message[0]
@@ -422,3 +424,93 @@ def test_parse_option():
 def test_middle_ellipsis():
     assert middle_ellipsis("layers.10.attention.wq.weight", 15) == "layers.….weight"
     assert middle_ellipsis("short", 15) == "short"
+
+
+@run_async
+async def test_slices_that_disagree_across_ranks(tmp_path, ms):
+    """A parameter whose ranks hold different shapes is an error under every built-in strategy."""
+    per_rank = [{"w": np.ones((2 if r < 3 else 3, 4), np.float32) * r, "b": np.ones(4, np.float32)} for r in range(W)]
+    root = write_rank_set(tmp_path / "ranks", per_rank)
+    app = make_app(root)
+    async with app.run_test(size=SIZE):
+        await app.wait_until_settled()
+        message, level = app.model.message("w")
+        assert level == "error"
+        assert "rank 0 holds shape [2, 4] and rank 3 holds [3, 4]" in message
+        app.assign(["w"], Assignment.make("row"))
+        await app.wait_until_settled()
+        assert "rank 0 holds [2, 4] and rank 3 holds [3, 4]" in app.model.message("w")[0]
+        assert app.query_one(ParamTable)._shape_cell("w") == "[2, 4] (varies)"
+
+
+@run_async
+async def test_plugin_strategy_offered_with_its_options(rank_set, monkeypatch):
+    """An installed plugin's strategy is in the dialog, with its source and typed option fields."""
+    from textual.widgets import Checkbox, OptionList
+
+    from shardsmith import plugins
+
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "padded_vocab")
+    plugins.reset_registry()
+    root, _ = rank_set
+    app = make_app(root)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_until_settled()
+        app.query_one(ParamTable).move_to("layers.0.wq.weight")
+        await pilot.press("a")
+        await pilot.pause()
+        screen = app.screen
+        strategies = screen.query_one("#strategies", OptionList)
+        ids = [strategies.get_option_at_index(i).id for i in range(strategies.option_count)]
+        assert ids[-1] == "padded_vocab"
+        prompt = str(strategies.get_option_at_index(len(ids) - 1).prompt)
+        assert "shardsmith-padded-vocab" in prompt
+        strategies.highlighted = len(ids) - 1
+        await pilot.pause()
+        assert "padding the vocabulary" in str(screen.query_one("#description", Static).content)
+        assert isinstance(screen.query_one("#option-keep_padding"), Checkbox)
+        # vocab_size is required: Apply stays off until it is given.
+        assert screen.query_one("#apply").disabled
+        screen.query_one("#option-vocab_size", Input).value = "7"
+        await pilot.pause()
+        assert not screen.query_one("#apply").disabled
+        assert "✓ padded_vocab(vocab_size=7) lays out the parameter." in check_text(screen)
+        await pilot.click("#apply")
+        await app.wait_until_settled()
+        assert app.model.assignments["layers.0.wq.weight"] == Assignment.make(
+            "padded_vocab", {"vocab_size": 7}
+        )
+
+
+@run_async
+async def test_hash_on_request(rank_set):
+    root, _ = rank_set
+    app = make_app(root, hash_in_background=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_until_settled()
+        model = app.model
+        assert model.hashed == 0
+        assert model.message("grid.weight") is None  # not hashed: nothing to compare yet
+        app.query_one(ParamTable).move_to("grid.weight")
+        await pilot.press("h")
+        await app.wait_until_settled()
+        assert list(model.digests) == ["grid.weight"]
+        assert "should hold copies" in model.message("grid.weight")[0]
+
+
+def test_editor_refuses_without_terminal(rank_set, cli):
+    root, _ = rank_set
+    result = cli("plan", root)
+    assert result.exit_code != 0
+    assert "the plan editor needs a terminal" in result.stderr
+    result = cli("plan", root, "--like", root)
+    assert result.exit_code != 0
+    assert "--like gives full shapes to --auto" in result.stderr
+
+
+def test_editor_world_size_must_match_rank_set(rank_set):
+    from shardsmith.errors import PlanError
+
+    root, _ = rank_set
+    with pytest.raises(PlanError, match="--world-size 8 disagrees with the rank set, which has 4 ranks"):
+        make_app(root, world_size=8)

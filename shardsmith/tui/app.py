@@ -1,8 +1,8 @@
 """The plan editor: a Textual app over a `PlanModel`.
 
-Work that could stall the screen never runs in one go on the event loop: layouts are computed
-in batches between frames, and slices are hashed in a thread that reads one parameter at a time
-and hands its digests back through a queue the screen drains a few times a second.
+Work that could stall the screen never runs in one go on the event loop. Layouts are computed
+in batches between frames. Slices are hashed in a thread that reads one parameter at a time and
+puts its digests on a queue, which the screen drains a few times a second.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import gc
 import queue
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from rich.text import Text
 from textual import on, work
@@ -20,10 +20,10 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Footer, Header, Input, Static
-from textual.worker import Worker, get_current_worker
+from textual.worker import Worker, WorkerCancelled, WorkerFailed, get_current_worker
 
 from ..errors import ShardsmithError
-from ..infer import RankBytes, rank_bytes
+from ..infer import Assignment, RankBytes, rank_bytes
 from ..plan import Plan, dumps_plan
 from ..plugins import StrategyRegistry
 from ..rankset import Source
@@ -189,6 +189,8 @@ class PlanApp(App[int]):
                 gc.freeze()
         table._update_size()
         table.refresh()
+        details = self.query_one(DetailPanel)
+        details.show(details.name_shown)
 
     def _changed(self, names: List[str]) -> None:
         table = self.query_one(ParamTable)
@@ -210,7 +212,7 @@ class PlanApp(App[int]):
         assert model is not None
         worked_since = time.monotonic()
         while not worker.is_cancelled:
-            name = model.next_to_hash()
+            name = model.next_to_hash(background=self.hash_in_background)
             if name is None:
                 return
             try:
@@ -246,7 +248,18 @@ class PlanApp(App[int]):
 
     async def wait_until_settled(self) -> None:
         """Wait for the layouts and the hashing to finish and their results to be shown (tests, screenshots)."""
-        await self.workers.wait_for_complete()
+        while True:
+            running = [w for w in self.workers if not w.is_finished]
+            if not running:
+                if self.model is None or not self.model.pending:
+                    break
+                self._settle()
+                continue
+            for worker in running:
+                try:
+                    await worker.wait()
+                except (WorkerCancelled, WorkerFailed):
+                    pass  # a newer _settle replaced it, or the failure is reported by Textual
         self._drain_digests()
         self._update_status()
         await asyncio.sleep(0)
@@ -344,7 +357,7 @@ class PlanApp(App[int]):
     def _assigned(self, request: Optional[AssignRequest]) -> None:
         if request is None:
             return
-        self.model.assign(request.names, request.assignment, request.glob, resolve=False)
+        self.assign(request.names, request.assignment, request.glob)
         table = self.query_one(ParamTable)
         table.set_marks(())
         self.mark_glob = None
@@ -352,6 +365,10 @@ class PlanApp(App[int]):
         what = request.assignment.summary() if request.assignment is not None else "the default"
         count = len(request.names)
         self.notify(f"{what} for {count} parameter{'s' if count != 1 else ''}", timeout=3)
+
+    def assign(self, names: Sequence[str], assignment: Optional[Assignment], glob: Optional[str] = None) -> None:
+        """Assign a strategy (None: the default) and lay the affected parameters out in the background."""
+        self.model.assign(names, assignment, glob, resolve=False)
         self._settle()
 
     def action_mark_glob(self) -> None:
@@ -387,11 +404,10 @@ class PlanApp(App[int]):
         names = [n for n in table.rows if n in table.marked] or ([table.current] if table.current else [])
         if not names:
             return
-        self.model.assign(names, None, resolve=False)
+        self.assign(names, None)
         table.set_marks(())
         self.mark_glob = None
         self._update_counts()
-        self._settle()
 
     def action_clear(self) -> None:
         table = self.query_one(ParamTable)
@@ -464,44 +480,24 @@ class PlanApp(App[int]):
         if model.pending:
             model.resolve_pending()
             self._changed(list(model.names))
-        errors = model.problems(("error",))
+
         accept = False
+        errors = model.problems(("error",))
         if errors:
-            listing = "\n".join(f"• {message}" for _, message in errors[:5])
-            if len(errors) > 5:
-                listing += f"\n… and {len(errors) - 5} more"
-            answer = await self.push_screen_wait(
-                ConfirmScreen(
-                    "Errors stand",
-                    f"{len(errors)} parameter{'s have errors' if len(errors) != 1 else ' has an error'}:\n{listing}\n\n"
-                    "A plan is not saved while an error stands. Save anyway? The plan then lists these "
-                    "errors under accepted_errors.",
-                    [("Save anyway", "save", "error"), ("Cancel", "cancel", "primary")],
-                )
-            )
-            if answer != "save":
+            if not await self._confirm_saving_errors(errors):
                 return False
             accept = True
+
         path = self.output or self.saved_path
         if path is None:
-            default = str(model.plan_path) if model.plan_path is not None else "plan.toml"
-            text = await self.push_screen_wait(
-                PromptScreen("Save the plan", "Write the plan (TOML) to:", default, check=_check_plan_path, ok_label="Save")
-            )
-            if text is None:
+            path = await self._ask_plan_path()
+            if path is None:
                 return False
-            path = Path(text.strip()).expanduser()
         if path.exists() and not self.force and path != self._overwrite_confirmed:
-            answer = await self.push_screen_wait(
-                ConfirmScreen(
-                    "Replace the file?",
-                    f"{path} exists. Replace it with the new plan?",
-                    [("Replace", "replace", "warning"), ("Cancel", "cancel", "primary")],
-                )
-            )
-            if answer != "replace":
+            if not await self._confirm_overwrite(path):
                 return False
             self._overwrite_confirmed = path
+
         plan = model.build_plan(accept_errors=accept)
         try:
             write_text_atomic(path, dumps_plan(plan, model.header()))
@@ -515,6 +511,40 @@ class PlanApp(App[int]):
         self.notify(f"Saved {len(plan.rules)} rule{'s' if len(plan.rules) != 1 else ''} to {path}{note}")
         self._update_status()
         return True
+
+    async def _confirm_saving_errors(self, errors: List[Tuple[str, str]]) -> bool:
+        listing = "\n".join(f"• {message}" for _, message in errors[:5])
+        if len(errors) > 5:
+            listing += f"\n… and {len(errors) - 5} more"
+        count = f"{len(errors)} parameters have errors" if len(errors) != 1 else "1 parameter has an error"
+        answer = await self.push_screen_wait(
+            ConfirmScreen(
+                "Errors stand",
+                f"{count}:\n{listing}\n\n"
+                "A plan is not saved while an error stands. Save anyway? The plan then lists these "
+                "errors under accepted_errors.",
+                [("Save anyway", "save", "error"), ("Cancel", "cancel", "primary")],
+            )
+        )
+        return answer == "save"
+
+    async def _ask_plan_path(self) -> Optional[Path]:
+        model = self.model
+        default = str(model.plan_path) if model.plan_path is not None else "plan.toml"
+        text = await self.push_screen_wait(
+            PromptScreen("Save the plan", "Write the plan (TOML) to:", default, check=_check_plan_path, ok_label="Save")
+        )
+        return Path(text.strip()).expanduser() if text is not None else None
+
+    async def _confirm_overwrite(self, path: Path) -> bool:
+        answer = await self.push_screen_wait(
+            ConfirmScreen(
+                "Replace the file?",
+                f"{path} exists. Replace it with the new plan?",
+                [("Replace", "replace", "warning"), ("Cancel", "cancel", "primary")],
+            )
+        )
+        return answer == "replace"
 
 
 def _check_world_size(text: str) -> Optional[str]:

@@ -1,9 +1,9 @@
 """`shardsmith plan`: open the plan editor, or with `--auto` infer a plan without a screen.
 
 The command line only parses arguments and calls `plan_command`. Bad input raises a
-ShardsmithError for the command line to print; everything else is decided here, including the
-exit code: `--auto` returns 1 when some parameter stays undecided (unless
-`--leave-undecided-replicated`), and the plan is then not written.
+ShardsmithError for the command line to print. Everything else is decided here, including the
+exit code: `--auto` returns 1 when some parameter stays undecided, unless
+`--leave-undecided-replicated` is given, and then writes no plan.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The state behind `shardsmith plan`: parameters, their assignments, layouts and problems.
 
 Kept free of Textual so it can be tested and reused on its own. The user assigns strategies per
-parameter (one by one or through a glob); the model lays every parameter out after each change,
-collects each one's error in place of stopping at the first, compares the bytes of ranks that
-should hold copies once their digests arrive, and on save turns the assignments into a compact
-plan through `infer.compact_rules`.
+parameter, one by one or through a glob. After each change the model lays the affected
+parameters out again and keeps each one's error, in place of stopping at the first. Once the
+digests of a parameter's slices arrive, it compares the bytes of the ranks that should hold
+copies. On save it turns the assignments into a compact plan through `infer.compact_rules`.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class ParamEntry:
 class PlanModel:
     """Assignments and their validation for one checkpoint and world size.
 
-    For a rank set (`source.world_size > 1`) the world size is the number of ranks and layouts
-    are resolved from the slice shapes; for one full checkpoint the caller gives the world size
+    For a rank set (`source.world_size > 1`) the world size is the number of ranks, and layouts
+    are resolved from the slice shapes. For one full checkpoint the caller gives the world size
     to plan a split, and layouts are resolved from the full shapes.
     """
 
@@ -136,6 +136,7 @@ class PlanModel:
         self._position = {name: i for i, name in enumerate(self.names)}
 
         self._hash_lock = threading.Lock()
+        self._hash_requests: Deque[str] = deque()
         self._hash_queue: Deque[str] = deque(
             n for n in self.order if self.rank_set and not self.entries[n].scalar and self.entries[n].problem is None
         )
@@ -200,7 +201,7 @@ class PlanModel:
         return [n for n in self.order if not self.entries[n].scalar and fnmatch.fnmatchcase(n, glob)]
 
     def default_for(self, name: str) -> Assignment:
-        """What a parameter gets when no rule matches: mirror of a split parent, else replicate."""
+        """Return what a parameter gets when no rule matches: mirror of a split parent, else replicate."""
         parent = self.entries[name].parent
         if parent is not None:
             result = self.results.get(parent)
@@ -285,7 +286,7 @@ class PlanModel:
     ) -> Set[str]:
         """Assign `assignment` to `names` (None resets them to the default); return the names to re-lay out.
 
-        `glob` is the pattern the user selected them with; it is tried first when the plan is
+        `glob` is the pattern the user selected them with. It is tried first when the plan is
         compacted, so the saved plan keeps the user's own globs where they still fit. With
         `resolve=False` the affected names are only marked pending, for `resolve_pending`.
         """
@@ -408,22 +409,26 @@ class PlanModel:
 
     # -- bytes ----------------------------------------------------------------------------------
 
-    def next_to_hash(self) -> Optional[str]:
-        """Pop the next parameter whose slices should be hashed (called from the hashing thread)."""
+    def next_to_hash(self, background: bool = True) -> Optional[str]:
+        """Pop the next parameter to hash: a requested one first, then (with `background`) any.
+
+        Called from the hashing thread.
+        """
         with self._hash_lock:
-            while self._hash_queue:
-                name = self._hash_queue.popleft()
-                if name not in self.digests:
-                    return name
+            for queue in (self._hash_requests, self._hash_queue) if background else (self._hash_requests,):
+                while queue:
+                    name = queue.popleft()
+                    if name not in self.digests:
+                        return name
             return None
 
     def hash_first(self, name: str) -> bool:
-        """Put `name` at the front of the hashing queue; return False if it is hashed or cannot be."""
+        """Ask for `name` to be hashed before the others; return False if it is hashed or cannot be."""
         entry = self.entries[name]
         if not self.rank_set or entry.scalar or entry.problem is not None or name in self.digests:
             return False
         with self._hash_lock:
-            self._hash_queue.appendleft(name)
+            self._hash_requests.append(name)
         return True
 
     @property
@@ -436,7 +441,7 @@ class PlanModel:
         self.version += 1
 
     def _check_bytes(self, name: str) -> None:
-        """Compare the digests of ranks the layout says hold copies of the same boxes."""
+        """Compare the digests of the ranks that the layout makes copies of each other."""
         self.byte_problems.pop(name, None)
         held = self.digests.get(name)
         result = self.results.get(name)
@@ -451,7 +456,6 @@ class PlanModel:
                 f"{what}, so ranks {', '.join(map(str, group))} should hold copies, but rank "
                 f"{differing[0]} holds different bytes from rank {group[0]}",
                 param=name,
-                hint='Choose the strategy that matches the ranks, or set replicas = "first" if the copies may drift',
             ).format()
             self.byte_problems[name] = (text, result.replicas == "check")
             return

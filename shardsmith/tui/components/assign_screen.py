@@ -71,7 +71,7 @@ def option_text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class AssignRequest:
-    """What the dialog returns: the parameters, the assignment (None: back to the default), the glob."""
+    """The dialog's result: the parameters, the assignment (None: back to the default), the glob."""
 
     names: Sequence[str]
     assignment: Optional[Assignment]
@@ -140,7 +140,12 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
         return glob_escape(self.current) if self.current else ""
 
     def _initial_assignment(self) -> Optional[Assignment]:
-        names = self.model.matching(self.glob) if self.glob else self.marked or ([self.current] if self.current else [])
+        if self.glob:
+            names = self.model.matching(self.glob)
+        elif self.marked:
+            names = self.marked
+        else:
+            names = [self.current] if self.current else []
         found = {self.model.assignments.get(n) for n in names}
         return found.pop() if len(found) == 1 else None
 
@@ -190,6 +195,7 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
         replicas = initial.replicas if initial is not None else "check"
         box = self.query_one("#options", VerticalScroll)
         await box.remove_children()
+
         widgets = []
         for key, option in cls.options.items():
             if option.required:
@@ -217,6 +223,7 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
             widgets.append(Static("", id=f"error-{key}", classes="field-error"))
         if not cls.options:
             widgets.append(Static("This strategy has no options.", classes="help"))
+
         widgets.append(Label("replicas"))
         widgets.append(
             Select([(p, p) for p in REPLICA_POLICIES], value=replicas, allow_blank=False, id="replicas")
@@ -228,6 +235,7 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
                 classes="help",
             )
         )
+
         await box.mount_all(widgets)
         self.query_one("#description", Static).update(cls.description)
         self._validate()
@@ -253,7 +261,8 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
                     value = _MISSING if widget.value is Select.BLANK else widget.value
                 else:
                     value = parse_option(option, widget.value)
-                if value is not _MISSING:
+                # A value equal to the declared default is left out, so the plan stays short.
+                if value is not _MISSING and (option.required or value != option.default):
                     raw[key] = value
             except ValueError as exc:
                 error.update(str(exc))
@@ -293,12 +302,20 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
             check.update(Text("Nothing to assign: the match selects no parameter.", style="yellow"))
             return
         apply.disabled = False
+
         tried, errors = self.model.trial(self.targets, self.assignment, TRIAL_LIMIT)
-        scope = f"the first {tried} of {len(self.targets)}" if tried < len(self.targets) else f"all {tried}"
+        if tried < len(self.targets):
+            scope = f"the first {tried} of {len(self.targets)} parameters"
+        elif tried == 1:
+            scope = "the parameter"
+        else:
+            scope = f"all {tried} parameters"
+
         if not errors:
-            check.update(Text(f"✓ {self.assignment.summary()} lays out {scope} parameters.", style="green"))
+            check.update(Text(f"✓ {self.assignment.summary()} lays out {scope}.", style="green"))
             return
-        text = Text(f"✗ {len(errors)} of {scope} parameters fail (Apply still assigns it):\n", style="red")
+        failing = "it fails" if tried == 1 else f"{len(errors)} of {scope.removeprefix('all ')} fail"
+        text = Text(f"✗ {failing}; Apply assigns it anyway, and the table shows the error:\n", style="red")
         for message in errors[:3]:
             text.append(f"  {message}\n", style="red")
         if len(errors) > 3:

@@ -14,6 +14,10 @@ from ..model import PlanModel, human_bytes, shape_text
 from .preview import layout_drawing, rank_boxes
 
 _LEVEL_STYLE = {"error": "bold red", "accepted": "yellow", "warning": "yellow"}
+BYTES_HINT = (
+    "Choose the strategy that matches the ranks (the shapes alone cannot tell a split from a copy), "
+    'or set replicas = "first" if the copies may drift.'
+)
 _LEVEL_LABEL = {"error": "✗ ", "accepted": "! accepted: ", "warning": "! warning: "}
 
 
@@ -84,7 +88,10 @@ class DetailPanel(VerticalScroll):
         message = model.message(name)
         if message is not None:
             text, level = message
-            parts.append(Text(_LEVEL_LABEL[level] + text + "\n", style=_LEVEL_STYLE[level]))
+            parts.append(Text(_LEVEL_LABEL[level] + text, style=_LEVEL_STYLE[level]))
+            if name in model.byte_problems:
+                parts.append(Text(BYTES_HINT, style="dim"))
+            parts.append(Text(""))
         elif name in model.pending:
             parts.append(Text("laying out…\n", style="dim"))
 

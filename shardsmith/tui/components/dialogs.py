@@ -64,7 +64,10 @@ class ConfirmScreen(ModalScreen[str]):
                     yield Button(label, id=f"button-{value}", variant=variant)
 
     def on_mount(self) -> None:
-        self.query(Button).first().focus()
+        # Focus the primary button: the safe choice, so Enter never saves or discards by accident.
+        buttons = list(self.query(Button))
+        primary = [b for b in buttons if b.variant == "primary"]
+        (primary or buttons)[0].focus()
 
     @on(Button.Pressed)
     def choose(self, event: Button.Pressed) -> None:

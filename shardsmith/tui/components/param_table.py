@@ -152,23 +152,30 @@ class ParamTable(ScrollView, can_focus=True):
         self.virtual_size = Size(width, len(self.rows) + 1)
 
     def _column_widths(self, width: int) -> Dict[str, int]:
-        model = self.model
+        """Fit the columns to `width`: names get room first, the strategy column gives way."""
         sample = self.rows[:2000]  # widths from the first rows keep a resize cheap on huge tables
+        indent = 4
+        name_w = max([len(n) + (indent if self.model.entries[n].parent else 0) for n in sample] + [9])
         shape_w = max([len(self._shape_cell(n)) for n in sample] + [len(self._header["shape"])])
         result_w = max([len(self._result_cell(n)) for n in sample] + [len(self._header["result"])])
-        strategy_w = max([len(model.strategy_text(n)[0]) for n in sample] + [8])
+        strategy_w = max([len(self._strategy_cell(n)[0]) for n in sample] + [8])
         widths = {
             "mark": 2,
             "dtype": 8,
             "shape": min(shape_w, 20),
             "bytes": 9,
-            "strategy": min(strategy_w, 30),
             "result": min(result_w, 18),
         }
         gaps = 6
         rest = width - sum(widths.values()) - gaps
-        widths["name"] = max(rest, 12)
+        widths["strategy"] = max(min(strategy_w, 30, rest - min(name_w, 60)), 12)
+        widths["name"] = max(rest - widths["strategy"], 12)
         return widths
+
+    def _strategy_cell(self, name: str) -> Tuple[str, str]:
+        text, kind = self.model.strategy_text(name)
+        # A state sits right under its parameter, so "mirror" is enough in the table.
+        return ("mirror" if kind == "mirror" else text), kind
 
     # -- cells ----------------------------------------------------------------------------------
 
@@ -207,7 +214,7 @@ class ParamTable(ScrollView, can_focus=True):
         entry = model.entries[name]
         w = self.widths
         status = self.status(name)
-        strategy, kind = model.strategy_text(name)
+        strategy, kind = self._strategy_cell(name)
 
         def component(key: str) -> Style:
             return self.get_component_rich_style(key, partial=True)
