@@ -453,6 +453,82 @@ def gather(
         raise typer.Exit(code)
 
 
+@app.command()
+@errors_to_exit
+def convert(
+    sources: List[Path] = PATHS,
+    output: Path = typer.Option(..., "--output", "-o", help="The file (for one checkpoint) or directory (for a rank set) to write."),
+    output_format: Optional[str] = OUT_FORMAT,
+    exclude: List[str] = EXCLUDE,
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="File holding the raw 16, 24 or 32 byte key of encrypted inputs (or set SHARDSMITH_KEY to it in hex)."),
+    enc_mode: Optional[str] = typer.Option(None, "--enc-mode", help="Cipher of encrypted files: AES-GCM, AES-CBC or SM4-CBC (inputs: detected)."),
+    encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt the .ckpt output with the key and --enc-mode."),
+    crc: bool = CRC,
+    force: bool = FORCE,
+    dry_run: bool = DRY_RUN,
+    verify: bool = VERIFY,
+    json_output: bool = JSON_OUT,
+    quiet: bool = QUIET,
+) -> None:
+    """Change the format of a checkpoint or a rank set (ckpt <-> safetensors), or its encryption."""
+    from . import convert as conversion
+    from .encryption import cipher_from_options
+
+    bar, callbacks = _progress("converting", not quiet)
+    with bar or _nothing():
+        report = conversion.convert(
+            sources, output, format=output_format, select=select, input_format=input_format, exclude=exclude,
+            cipher=cipher_from_options(key_file, enc_mode), encrypt=encrypt, crc_check=crc, force=force,
+            dry_run=dry_run, verify=verify, progress=callbacks,
+        )
+    _print_report(report, json_output)
+
+
+strategy_app = typer.Typer(
+    help="Import and export MindSpore strategy files (the layouts of auto-parallel jobs).",
+    no_args_is_help=True,
+)
+app.add_typer(strategy_app, name="strategy")
+
+
+@strategy_app.command("import")
+@errors_to_exit
+def strategy_import(
+    strategy_file: Path = typer.Argument(..., help="A MindSpore strategy file (protobuf ParallelStrategyMap, or its JSON form)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The TOML plan to write."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", "-n", min=1, help="World size of the plan (default: from the device matrices)."),
+    force: bool = FORCE,
+) -> None:
+    """Write the plan a MindSpore strategy file describes, one tensor_map rule per parameter."""
+    from .strategy_file import import_to_toml
+
+    plan_obj = import_to_toml(strategy_file, output, world_size=world_size, force=force)
+    stdout.print(f"wrote {output}: world_size {plan_obj.world_size}, {len(plan_obj.rules)} rules", highlight=False)
+
+
+@strategy_app.command("export")
+@errors_to_exit
+def strategy_export(
+    sources: List[Path] = PATHS,
+    plan: Path = typer.Option(..., "--plan", "-p", help="The plan to express as a strategy file."),
+    output: Path = typer.Option(..., "--output", "-o", help="The strategy file to write (.json for JSON, anything else protobuf)."),
+    only_split: bool = typer.Option(False, "--only-split", help="Leave replicated parameters out of the file."),
+    select: Optional[str] = SELECT,
+    input_format: Optional[str] = IN_FORMAT,
+    force: bool = FORCE,
+) -> None:
+    """Write a plan, applied to a checkpoint or rank set, as a strategy file MindSpore's tools read."""
+    from .plan import load_plan
+    from .strategy_file import export_strategy_file
+
+    count = export_strategy_file(
+        load_plan(plan), sources, output, select=select, input_format=input_format, only_split=only_split, force=force
+    )
+    stdout.print(f"wrote {output}: {count} parameters", highlight=False)
+
+
 def _default_text(option: dict) -> str:
     if option["required"]:
         return ""

@@ -9,6 +9,7 @@ bytes go where is kept apart from reading and writing them.
 from __future__ import annotations
 
 import fnmatch
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +73,19 @@ class Plan:
 
 
 def load_plan(path: Any, registry: Optional[StrategyRegistry] = None) -> Plan:
-    """Read and validate a plan file; every error names the file, the rule and the field."""
+    """Read and validate a plan file; every error names the file, the rule and the field.
+
+    A MindSpore strategy file (protobuf `ParallelStrategyMap`, or its JSON form) is accepted too and
+    read as a plan of exact-name `tensor_map` rules.
+    """
+    from .strategy_file import import_strategy_file, is_strategy_file
+
     path = Path(path)
     if path.exists() and not path.is_file():
         # Reading a FIFO would block until something writes to it.
         raise PlanError("the plan is not a regular file", path=path)
+    if path.is_file() and is_strategy_file(path):
+        return import_strategy_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -157,25 +166,35 @@ def plan_from_dict(data: Mapping[str, Any], *, path: Optional[Path] = None, regi
     return Plan(world_size, tuple(rules), tuple(prefixes), tuple(accepted), path)
 
 
+def _toml_value(value: Any) -> str:
+    """Format an option value as inline TOML: plans are read by people, so arrays stay on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} in a plan")
+
+
 def dumps_plan(plan: Plan, header: Sequence[str] = ()) -> str:
     """Write a plan as TOML, with `header` lines as a leading comment."""
-    import tomli_w
-
     lines = [f"# {line}".rstrip() for line in header]
-    out = "\n".join(lines) + ("\n\n" if lines else "")
-    top: Dict[str, Any] = {"world_size": plan.world_size}
+    if lines:
+        lines.append("")
+    lines.append(f"world_size = {plan.world_size}")
     if plan.accepted_errors:
-        top["accepted_errors"] = list(plan.accepted_errors)
-    out += tomli_w.dumps(top)
+        lines.append(f"accepted_errors = {_toml_value(list(plan.accepted_errors))}")
     for rule in plan.rules:
-        table: Dict[str, Any] = {"match": rule.match, "strategy": rule.strategy}
-        table.update({k: v for k, v in rule.options if v is not None})
+        lines += ["", "[[param]]", f"match = {_toml_value(rule.match)}", f"strategy = {_toml_value(rule.strategy)}"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in rule.options if value is not None]
         if rule.replicas != "check":
-            table["replicas"] = rule.replicas
-        out += "\n[[param]]\n" + tomli_w.dumps(table)
+            lines.append(f"replicas = {_toml_value(rule.replicas)}")
     if plan.mirror_prefixes:
-        out += "\n[mirror]\n" + tomli_w.dumps({"prefixes": list(plan.mirror_prefixes)})
-    return out
+        lines += ["", "[mirror]", f"prefixes = {_toml_value(list(plan.mirror_prefixes))}"]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence
 
 from .errors import CheckpointFormatError, RankSetError
-from .formats import CheckpointReader, TensorInfo, open_checkpoint
+from .formats import CheckpointReader, TensorInfo
 from .layout import Shape
+
+if TYPE_CHECKING:
+    from .encryption import Cipher
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
 _RANK_DIR = re.compile(r"^rank_(\d+)$")
@@ -155,18 +158,26 @@ class Source:
 
 
 def open_source(
-    paths: Sequence[Path], select: Optional[str] = None, format: Optional[str] = None, *, verify_crc: bool = True
+    paths: Sequence[Path],
+    select: Optional[str] = None,
+    format: Optional[str] = None,
+    *,
+    verify_crc: bool = True,
+    cipher: Optional["Cipher"] = None,
 ) -> Source:
     """Open a rank set or a full checkpoint for reading (headers only until data is asked for).
 
     A `.ckpt` file with a crc_num trailer is read once whole to check it unless `verify_crc` is false.
+    Files MindSpore encrypted are recognised by their first bytes and need `cipher`.
     """
+    from .encryption import open_checkpoint
+
     files = resolve_paths(paths, select)
     readers: List[CheckpointReader] = []
     try:
         for rank, path in enumerate(files):
             try:
-                readers.append(open_checkpoint(path, format, verify_crc=verify_crc))
+                readers.append(open_checkpoint(path, format, cipher=cipher, verify_crc=verify_crc))
             except CheckpointFormatError as error:
                 if len(files) == 1:
                     raise
