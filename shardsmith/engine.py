@@ -2,9 +2,11 @@
 
 A merge is a move to a single rank holding everything, a split a move from one, and a reshard
 a move between two rank sets; `prepare_*` decides every parameter's source and target layout
-(no tensor data read), and `execute` moves the bytes one parameter at a time: each target
-slice is assembled from the memory-mapped source boxes that overlap it, written, and the
-source pages are released before the next parameter.
+(no tensor data read), and `execute` moves the bytes one parameter at a time. Each target
+slice is streamed in C order, chunk by chunk: a run that is contiguous in a source slice is
+handed on as a view of the memory-mapped source (no copy), any other band is copied into a
+new buffer from the source boxes that overlap it. No slice is ever built whole, and the
+source pages of a parameter are released once its chunks are written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -291,14 +293,26 @@ def prepare_reshard(source: Source, plan: Plan, to_plan: Plan, selection: Select
     return Job("reshard", moves, source.world_size, to_plan.world_size)
 
 
+# Bytes compared at once by same_bytes, which bounds its temporary boolean arrays.
+_COMPARE_BYTES = 16 * 1024 * 1024
+
+
 def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     """Compare two arrays bit for bit (NaN payloads and signed zeros included)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    if a.dtype.itemsize in (1, 2, 4, 8):
-        unsigned = np.dtype(f"u{a.dtype.itemsize}")
+    if a.dtype.itemsize not in (1, 2, 4, 8):
+        return a.tobytes() == b.tobytes()
+    unsigned = np.dtype(f"u{a.dtype.itemsize}")
+    if a.ndim == 0 or a.nbytes <= _COMPARE_BYTES:
         return bool(np.array_equal(a.view(unsigned), b.view(unsigned)))
-    return a.tobytes() == b.tobytes()
+    row_bytes = a.nbytes // a.shape[0]
+    if row_bytes > _COMPARE_BYTES and a.ndim > 1:
+        return all(same_bytes(a[i], b[i]) for i in range(a.shape[0]))
+    step = max(1, _COMPARE_BYTES // max(row_bytes, 1))
+    return all(
+        np.array_equal(a[i : i + step].view(unsigned), b[i : i + step].view(unsigned)) for i in range(0, a.shape[0], step)
+    )
 
 
 def _format_value(array: np.ndarray, dtype: str) -> str:
@@ -406,24 +420,122 @@ def check_strings(move: ParamMove, source: Source, warn: Callable[[str], None]) 
     return values[0]
 
 
-def assemble(move: ParamMove, arrays: _Arrays, rank: int, copies: Optional[List[Copy]] = None) -> np.ndarray:
-    """Build target `rank`'s slice of `move` from the source arrays (a view when one box is the whole slice)."""
+# Bytes of a target slice handed to the writer at once. Measured in benchmarks/RESULTS.md:
+# large enough that the Python work and system calls per chunk do not show, small enough
+# that several chunks fit in the writer's in-flight budget. Read at call time, so tests can
+# patch it small.
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def contiguous_blocks(shape: Shape, itemsize: int, chunk_bytes: int) -> Iterator[Box]:
+    """Cut the C-order content of an array of `shape` into consecutive boxes, each contiguous.
+
+    Each box is at most `chunk_bytes`, unless one element of the innermost dim that has to be
+    cut is larger. A box spans whole trailing dims and a run of indices of one dim `d`, at one
+    index of every dim before `d`.
+    """
+    if math.prod(shape) == 0:
+        return
+    ndim = len(shape)
+    # Find the outermost dim d whose trailing dims fit in one chunk; `inner` is the bytes of one index of d.
+    d = ndim
+    inner = itemsize
+    while d > 0 and inner * shape[d - 1] <= chunk_bytes:
+        d -= 1
+        inner *= shape[d]
+    if d == 0:
+        yield Box.whole(shape)
+        return
+    d -= 1
+    step = max(1, chunk_bytes // inner)
+    for outer in np.ndindex(*shape[:d]):
+        for start in range(0, shape[d], step):
+            stop = min(start + step, shape[d])
+            yield Box(
+                tuple(outer) + (start,) + (0,) * (ndim - d - 1),
+                tuple(i + 1 for i in outer) + (stop,) + tuple(shape[d + 1 :]),
+            )
+
+
+def _is_contiguous(box: Box, shape: Shape) -> bool:
+    """Tell whether `box` is one run of the C-order content of an array of `shape`."""
+    cut = [k for k, (a, b) in enumerate(zip(box.start, box.stop)) if b - a > 1]
+    if not cut:
+        return True
+    return all(box.start[k] == 0 and box.stop[k] == shape[k] for k in range(cut[0] + 1, len(shape)))
+
+
+def _offset(index: Sequence[int], shape: Shape) -> int:
+    """Return the C-order position of `index` in an array of `shape`."""
+    position = 0
+    for i, n in zip(index, shape):
+        position = position * n + i
+    return position
+
+
+def _source_box(copy: Copy, target: Box) -> Box:
+    """Return the part of `copy`'s source box that fills `target`, a part of its target box."""
+    return target.shift([s - t for s, t in zip(copy.source.start, copy.target.start)])
+
+
+def slice_chunks(
+    move: ParamMove, arrays: "_Arrays", rank: int, copies: Optional[List[Copy]] = None, chunk_bytes: Optional[int] = None
+) -> Iterator[np.ndarray]:
+    """Yield target `rank`'s slice of `move` in C order, as C-contiguous arrays of about `chunk_bytes`.
+
+    A block of the slice made of runs that are contiguous in their source slices is yielded as
+    those views of the sources, without a copy (a row split, a replicated tensor, most
+    reshards along dim 0). Any other block is copied into a new buffer from every source box
+    that overlaps it; what no source covers (padding) is zeros.
+    """
     if copies is None:
         copies = move.source.copies_into(move.target, rank)
     shape = move.target.slice_shapes[rank]
     storage = dt.storage_dtype(move.dtype)
-    if len(copies) == 1 and copies[0].target == Box.whole(shape):
-        view = arrays[copies[0].source_rank][copies[0].source.slices()]
-        if view.flags.c_contiguous:
-            return view
-    covered = sum(c.target.size for c in copies)
-    buf = np.zeros(shape, storage) if covered < int(np.prod(shape)) else np.empty(shape, storage)
-    for c in copies:
-        buf[c.target.slices()] = arrays[c.source_rank][c.source.slices()]
-    return buf
+    for block in contiguous_blocks(shape, storage.itemsize, chunk_bytes or CHUNK_BYTES):
+        parts = []
+        for copy in copies:
+            overlap = copy.target.intersect(block)
+            if overlap is not None and overlap.size:
+                parts.append((copy, overlap))
+        views = _source_runs(parts, arrays, block, shape)
+        if views is not None:
+            yield from views
+            continue
+        covered = sum(overlap.size for _, overlap in parts)
+        band = np.empty(block.shape, storage) if covered == block.size else np.zeros(block.shape, storage)
+        to_band = [-a for a in block.start]
+        for copy, overlap in parts:
+            band[overlap.shift(to_band).slices()] = arrays[copy.source_rank][_source_box(copy, overlap).slices()]
+        yield band
 
 
-Writer = Callable[[int, str, object], None]  # (target rank, name, array or str)
+def _source_runs(parts: List[Tuple[Copy, Box]], arrays: "_Arrays", block: Box, shape: Shape) -> Optional[List[np.ndarray]]:
+    """Return source views that make up `block` one after another, or None when it needs a copy.
+
+    The overlaps are disjoint and inside `block`; when they are contiguous runs of the slice
+    and add up to the block, in C order they tile it exactly.
+    """
+    if sum(overlap.size for _, overlap in parts) != block.size:
+        return None
+    views = []
+    for copy, overlap in sorted(parts, key=lambda part: _offset(part[1].start, shape)):
+        if not _is_contiguous(overlap, shape):
+            return None
+        view = arrays[copy.source_rank][_source_box(copy, overlap).slices()]
+        if not view.flags.c_contiguous:
+            return None
+        views.append(view)
+    return views
+
+
+def as_bytes(array: np.ndarray) -> memoryview:
+    """Return a C-contiguous array's content as a flat byte memoryview, without a copy."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+# Receives a str for a str entry, otherwise the slice's bytes in C order as an iterator of buffers.
+Writer = Callable[[int, str, Union[str, Iterator[memoryview]]], None]
 
 
 def execute(
@@ -431,10 +543,18 @@ def execute(
     source: Source,
     write: Optional[Writer],
     *,
+    written: Optional[Callable[[Callable[[], None]], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
     warn: Optional[Callable[[str], None]] = None,
+    chunk_bytes: Optional[int] = None,
 ) -> None:
-    """Move every parameter of `job`; with `write=None` only validate (a dry run reads the replicas too)."""
+    """Move every parameter of `job`; with `write=None` only validate (a dry run reads the replicas too).
+
+    `write(rank, name, value)` gets every target rank's value of each parameter, in order. A
+    writer that queues the chunks instead of writing them at once passes `written`, which must
+    call the callback it is given once everything handed to `write` so far is written: the
+    callback releases the parameter's source pages, which queued views still use.
+    """
     warn = warn or (lambda message: logger.warning("%s", message))
     for move in job.moves:
         if move.dtype == dt.STRING:
@@ -450,8 +570,14 @@ def execute(
             check_replicas(move, arrays, source, warn)
             if write is not None:
                 for rank in range(job.target_world):
-                    write(rank, move.name, assemble(move, arrays, rank))
-        finally:
+                    chunks = slice_chunks(move, arrays, rank, chunk_bytes=chunk_bytes)
+                    write(rank, move.name, (as_bytes(chunk) for chunk in chunks))
+        except BaseException:
+            arrays.release()
+            raise
+        if written is not None and write is not None:
+            written(arrays.release)
+        else:
             arrays.release()
         if progress:
             progress(sum(move.target_nbytes(r) for r in range(job.target_world)))

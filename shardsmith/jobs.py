@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import dtypes as dt
-from .engine import Job, Selection, _Arrays, assemble, execute, prepare_merge, prepare_reshard, prepare_split, same_bytes
+import numpy as np
+
+from .engine import Job, Selection, _Arrays, as_bytes, execute, prepare_merge, prepare_reshard, prepare_split, slice_chunks
 from .errors import ShardsmithError, ValidationError
 from .formats import FORMATS, detect_format, open_checkpoint, open_writer
 from .output import OutputFiles, atomic_output
+from .pipeline import DEFAULT_MAX_INFLIGHT, WritePipeline
 from .plan import Plan, load_plan
 from .rankset import Source, open_source
 
@@ -65,35 +68,36 @@ def _write_job(
     *,
     prefix: str,
     crc_check: bool,
+    max_inflight: int,
     progress: Progress,
     warnings: List[str],
 ) -> List[Path]:
-    """Open one writer per target rank, move every parameter, and close the writers in order."""
+    """Open one writer per target rank, move every parameter, and close the writers in order.
+
+    The writers queue their bytes on a `WritePipeline`, which writes all target files at once.
+    """
     writers = []
     paths = []
-    try:
+    with WritePipeline(max_inflight) as pipeline:
         for rank in range(job.target_world):
             relative = None if not out.directory else _rank_file(rank, prefix, fmt)
-            handle = out.open(relative)
+            handle = pipeline.file(out.open(relative))
             paths.append(out.temp / relative if relative else out.temp)
             writers.append(open_writer(handle, job.entries(rank, source), fmt, crc_check=crc_check))
 
         def write(rank: int, name: str, data: object) -> None:
-            writers[rank].write(name, data)
+            if isinstance(data, str):
+                writers[rank].write(name, data)
+            else:
+                writers[rank].write_chunks(name, data)
 
         def warn(message: str) -> None:
             warnings.append(message)
             progress.warn(message)
 
-        execute(job, source, write, progress=progress.advance, warn=warn)
+        execute(job, source, write, written=pipeline.call_when_written, progress=progress.advance, warn=warn)
         for writer in writers:
             writer.close()
-    except BaseException:
-        for writer in writers:
-            abort = getattr(writer, "abort", None)
-            if abort is not None:
-                abort()
-        raise
     return paths
 
 
@@ -111,8 +115,7 @@ def verify_written(job: Job, source: Source, paths: Sequence[Path], fmt: str) ->
                     continue
                 arrays = _Arrays(source.readers, move.name)
                 try:
-                    expected = assemble(move, arrays, rank)
-                    if not same_bytes(reader.array(move.name), expected):
+                    if not _same_content(reader.array(move.name), slice_chunks(move, arrays, rank)):
                         raise ValidationError("the written bytes differ from the source", path=paths[rank], param=move.name)
                 finally:
                     arrays.release()
@@ -120,6 +123,18 @@ def verify_written(job: Job, source: Source, paths: Sequence[Path], fmt: str) ->
     finally:
         for reader in readers:
             reader.close()
+
+
+def _same_content(written: np.ndarray, chunks: Iterable[np.ndarray]) -> bool:
+    """Compare a written tensor with the expected content, chunk by chunk, in C order."""
+    data = written.reshape(-1).view(np.uint8)
+    position = 0
+    for chunk in chunks:
+        expected = np.frombuffer(as_bytes(chunk), np.uint8)
+        if not np.array_equal(data[position : position + len(expected)], expected):
+            return False
+        position += len(expected)
+    return position == len(data)
 
 
 def _finish(
@@ -134,6 +149,7 @@ def _finish(
     dry_run: bool,
     verify: bool,
     crc_check: bool,
+    max_inflight: int,
     progress: Progress,
     manifest: Dict[str, object],
 ) -> Report:
@@ -154,7 +170,10 @@ def _finish(
             report.files.append({"path": name, "bytes": sum(m.target_nbytes(rank) for m in job.moves)})
         return report
     with atomic_output(target, directory=directory, force=force, inputs=source.paths) as out:
-        paths = _write_job(job, source, out, fmt, prefix=prefix, crc_check=crc_check, progress=progress, warnings=report.warnings)
+        paths = _write_job(
+            job, source, out, fmt, prefix=prefix, crc_check=crc_check, max_inflight=max_inflight, progress=progress,
+            warnings=report.warnings,
+        )
         if verify:
             verify_written(job, source, paths, fmt)
         manifest = {
@@ -187,6 +206,7 @@ def merge(
     dry_run: bool = False,
     verify: bool = False,
     crc_check: bool = False,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
     progress: Progress = Progress(),
 ) -> Report:
     """Merge a rank set into one full checkpoint at `output`."""
@@ -197,7 +217,7 @@ def merge(
         job = prepare_merge(source, plan_obj, selection, replicas)
         return _finish(
             job, source, output, directory=False, fmt=fmt, prefix="", force=force, dry_run=dry_run,
-            verify=verify, crc_check=crc_check, progress=progress, manifest=_plan_record(plan_obj, "plan"),
+            verify=verify, crc_check=crc_check, max_inflight=max_inflight, progress=progress, manifest=_plan_record(plan_obj, "plan"),
         )
 
 
@@ -214,6 +234,7 @@ def split(
     dry_run: bool = False,
     verify: bool = False,
     crc_check: bool = False,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
     progress: Progress = Progress(),
 ) -> Report:
     """Split one full checkpoint into a rank set under `output_dir`."""
@@ -223,7 +244,7 @@ def split(
         job = prepare_split(source, plan_obj, selection)
         return _finish(
             job, source, Path(output_dir), directory=True, fmt=fmt, prefix=prefix, force=force, dry_run=dry_run,
-            verify=verify, crc_check=crc_check, progress=progress, manifest=_plan_record(plan_obj, "plan"),
+            verify=verify, crc_check=crc_check, max_inflight=max_inflight, progress=progress, manifest=_plan_record(plan_obj, "plan"),
         )
 
 
@@ -243,6 +264,7 @@ def reshard(
     dry_run: bool = False,
     verify: bool = False,
     crc_check: bool = False,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
     progress: Progress = Progress(),
 ) -> Report:
     """Move a rank set laid out by `plan` to the layout of `to_plan`, without a full checkpoint."""
@@ -254,7 +276,7 @@ def reshard(
         manifest = {**_plan_record(plan_obj, "plan"), **_plan_record(to_plan_obj, "to_plan")}
         return _finish(
             job, source, Path(output_dir), directory=True, fmt=fmt, prefix=prefix, force=force, dry_run=dry_run,
-            verify=verify, crc_check=crc_check, progress=progress, manifest=manifest,
+            verify=verify, crc_check=crc_check, max_inflight=max_inflight, progress=progress, manifest=manifest,
         )
 
 

@@ -172,6 +172,14 @@ class HashingFile:
     def tell(self) -> int:
         return self.size
 
+    @property
+    def raw(self) -> BinaryIO:
+        """The file underneath, for a writer that hashes on another thread (`shardsmith.pipeline`).
+
+        Whoever writes to it directly must feed the same bytes to `sha256` and add them to `size`.
+        """
+        return self._file
+
 
 @contextmanager
 def _termination_as_exception() -> Iterator[None]:
