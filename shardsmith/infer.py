@@ -33,7 +33,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -545,6 +545,7 @@ def _infer_one(
     reference: Optional[_Reference],
     check_bytes: bool,
     registry: StrategyRegistry,
+    bytes_cache: Optional[MutableMapping[str, RankBytes]] = None,
 ) -> Tuple[Inference, Optional[RankBytes]]:
     world_size = source.world_size
     info = source.info(name)
@@ -564,7 +565,13 @@ def _infer_one(
             name, f"the ranks hold slices of different shapes ({listed}); every built-in strategy gives equal slices"
         ), None
     slice_shape = tuple(shapes[0])
-    held = rank_bytes(source, name) if check_bytes else None
+    held = None
+    if check_bytes:
+        held = bytes_cache.get(name) if bytes_cache is not None else None
+        if held is None:
+            held = rank_bytes(source, name)
+            if bytes_cache is not None:
+                bytes_cache[name] = held
 
     if reference is not None:
         ref_shape = reference.shape(name)
@@ -631,13 +638,15 @@ def infer_layouts(
     check_bytes: bool = True,
     progress: Optional[Callable[[int, int, str], None]] = None,
     registry: Optional[StrategyRegistry] = None,
+    bytes_cache: Optional[MutableMapping[str, RankBytes]] = None,
 ) -> Dict[str, Inference]:
     """Infer the layout of every parameter of a rank set, in rank 0's order.
 
     `like` is a full checkpoint of the same network (a path or an open Source) that gives full
     shapes. With `check_bytes` every slice is read once, one parameter and one rank at a time,
     to find which ranks hold copies. Without it only shapes are used, so most splits stay
-    undecided. `progress(done, total, name)` is called before each parameter.
+    undecided. `progress(done, total, name)` is called before each parameter. `bytes_cache`
+    holds digests computed earlier, by name; the ones computed here are added to it.
     """
     registry = registry or get_registry()
     reference_source = open_reference(like) if isinstance(like, (str, Path)) else like
@@ -649,7 +658,7 @@ def infer_layouts(
         for done, name in enumerate(source.names):
             if progress is not None:
                 progress(done, total, name)
-            own[name], held_by_name[name] = _infer_one(name, source, reference, check_bytes, registry)
+            own[name], held_by_name[name] = _infer_one(name, source, reference, check_bytes, registry, bytes_cache)
     finally:
         if reference_source is not None and reference_source is not like:
             reference_source.close()

@@ -503,9 +503,6 @@ def test_editor_refuses_without_terminal(rank_set, cli):
     result = cli("plan", root)
     assert result.exit_code != 0
     assert "the plan editor needs a terminal" in result.stderr
-    result = cli("plan", root, "--like", root)
-    assert result.exit_code != 0
-    assert "--like gives full shapes to --auto" in result.stderr
 
 
 def test_editor_world_size_must_match_rank_set(rank_set):
@@ -514,3 +511,31 @@ def test_editor_world_size_must_match_rank_set(rank_set):
     root, _ = rank_set
     with pytest.raises(PlanError, match="--world-size 8 disagrees with the rank set, which has 4 ranks"):
         make_app(root, world_size=8)
+
+
+@run_async
+async def test_infer_key_fills_untouched_parameters(rank_set, tmp_path):
+    """`i` infers from bytes and the reference's full shapes; the user's own assignment stays."""
+    root, full = rank_set
+    reference = save_ms(tmp_path / "full.ckpt", full)
+    app = make_app(root, reference=open_source([reference]))
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_until_settled()
+        model = app.model
+        app.assign(["layers.1.wo.weight"], Assignment.make("row"))
+        await app.wait_until_settled()
+        # The reference's full shape shows the row split is wrong for a column-split weight.
+        message, level = model.message("layers.1.wo.weight")
+        assert level == "error"
+        assert "the layout gives full shape [24, 2], but the reference checkpoint holds [6, 8]" in message
+        await pilot.press("i")
+        await app.wait_until_settled()
+        await pilot.pause()
+        assert model.assignments["layers.0.wo.weight"] == Assignment.make("column")
+        assert model.assignments["layers.0.wq.weight"] == Assignment.make("row")
+        assert model.assignments["grid.weight"] == Assignment.make("grid", {"grid": [2, 2]})
+        assert model.assignments["layers.1.wo.weight"] == Assignment.make("row")  # the user's, kept
+        assert "moments.layers.0.wq.weight" not in model.assignments
+        assert "norm.gamma" not in model.assignments
+        assert model.inferences["layers.1.wo.weight"].summary == "column"
+        assert [name for name, _ in model.problems(("error",))] == ["layers.1.wo.weight"]

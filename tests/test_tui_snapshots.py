@@ -151,3 +151,17 @@ def test_full_checkpoint_split_planned(tmp_path, ms, snap_compare):
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_inferred_without_reference(rank_set, snap_compare):
+    """After `i` without --like: 2-D splits stay undecided and the details panel says why."""
+    app = PlanApp(open_source([rank_set]), label="ranks")
+
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press("i")
+        await settle(pilot)
+        app.query_one(ParamTable).move_to("layers.1.wo.weight")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

@@ -23,7 +23,7 @@ from textual.widgets import Footer, Header, Input, Static
 from textual.worker import Worker, WorkerCancelled, WorkerFailed, get_current_worker
 
 from ..errors import ShardsmithError
-from ..infer import Assignment, RankBytes, rank_bytes
+from ..infer import Assignment, RankBytes, infer_layouts, rank_bytes
 from ..plan import Plan, dumps_plan
 from ..plugins import StrategyRegistry
 from ..rankset import Source
@@ -67,6 +67,7 @@ class PlanApp(App[int]):
         Binding("g", "mark_glob", "Glob"),
         Binding("d", "reset", "Default"),
         Binding("e", "next_error", "Next error"),
+        Binding("i", "infer", "Infer"),
         Binding("h", "hash_now", "Hash", show=False),
         Binding("s", "toggle_states", "States", show=False),
         Binding("escape", "clear", "Clear", show=False),
@@ -86,9 +87,11 @@ class PlanApp(App[int]):
         force: bool = False,
         registry: Optional[StrategyRegistry] = None,
         hash_in_background: bool = True,
+        reference: Optional[Source] = None,
     ) -> None:
         super().__init__()
         self.source = source
+        self.reference = reference
         self.label = label
         self.plan = plan
         self.output = output
@@ -102,13 +105,22 @@ class PlanApp(App[int]):
         self.saved_path: Optional[Path] = None
         self._overwrite_confirmed: Optional[Path] = None
         self._hash_worker: Optional[Worker] = None
+        self._infer_worker: Optional[Worker] = None
+        self._infer_progress: Optional[Tuple[int, int]] = None
         self._digests_in: "queue.SimpleQueue[Tuple[str, object]]" = queue.SimpleQueue()
         self._status_text = ""
         if source.world_size > 1 or world_size is not None:
             self.model = self._make_model(world_size)
 
     def _make_model(self, world_size: Optional[int]) -> PlanModel:
-        model = PlanModel(self.source, world_size=world_size, plan=self.plan, label=self.label, registry=self.registry)
+        model = PlanModel(
+            self.source,
+            world_size=world_size,
+            plan=self.plan,
+            label=self.label,
+            registry=self.registry,
+            reference=self.reference,
+        )
         self.sub_title = f"{self.label} · world size {model.world_size}"
         return model
 
@@ -285,6 +297,9 @@ class PlanApp(App[int]):
         accepted = counts.get("accepted", 0) + counts.get("warning", 0)
         if model.pending:
             parts.append(f"laying out {len(model.pending)}…")
+        if self._infer_progress is not None:
+            done, total = self._infer_progress
+            parts.append(f"inferring {done}/{total}…")
         if model.rank_set:
             if model.hashed < model.hash_total:
                 parts.append(f"hashing {model.hashed}/{model.hash_total}")
@@ -331,7 +346,7 @@ class PlanApp(App[int]):
 
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
         """Keep editing keys out of the way while the filter has focus or no model exists yet."""
-        editing = ("assign", "mark_glob", "reset", "next_error", "hash_now", "toggle_states", "quit", "help")
+        editing = ("assign", "mark_glob", "reset", "next_error", "hash_now", "infer", "toggle_states", "quit", "help")
         if self.model is None and action not in ("quit", "help"):
             return False
         focused = self.focused
@@ -443,6 +458,58 @@ class PlanApp(App[int]):
             self.notify(f"{name} is hashed already.", timeout=2)
         else:
             self.notify(f"{name} has no slices to compare.", timeout=2)
+
+    def action_infer(self) -> None:
+        model = self.model
+        if not model.rank_set:
+            self.notify("Inference reads a rank set; this is a full checkpoint.", severity="warning")
+            return
+        if self._infer_worker is not None and not self._infer_worker.is_finished:
+            self.notify("Inference is running already.", timeout=2)
+            return
+        self._infer_progress = (0, len(model.names))
+        cache = dict(model.digests)
+        self._infer_worker = self.run_worker(
+            lambda: self._infer_in_thread(cache), thread=True, group="infer", exit_on_error=False
+        )
+
+    def _infer_in_thread(self, cache: dict) -> None:
+        """Infer every layout (runs in a thread, pausing like the hashing thread)."""
+        worked_since = time.monotonic()
+
+        def progress(done: int, total: int, name: str) -> None:
+            nonlocal worked_since
+            self._infer_progress = (done, total)
+            if time.monotonic() - worked_since > HASH_SLICE:
+                time.sleep(HASH_PAUSE)
+                worked_since = time.monotonic()
+
+        try:
+            inferences = infer_layouts(self.source, self.reference, progress=progress, bytes_cache=cache)
+        except (ShardsmithError, OSError, ValueError) as exc:
+            self.call_from_thread(self._inference_failed, exc)
+            return
+        self.call_from_thread(self._inferred, inferences, cache)
+
+    def _inference_failed(self, exc: Exception) -> None:
+        self._infer_progress = None
+        text = exc.format() if isinstance(exc, ShardsmithError) else str(exc)
+        self.notify(f"Inference failed: {text}", severity="error")
+
+    def _inferred(self, inferences: dict, cache: dict) -> None:
+        model = self.model
+        self._infer_progress = None
+        for name, held in cache.items():
+            if name not in model.digests:
+                model.set_digests(name, held)
+        assigned, undecided = model.apply_inferences(inferences)
+        self._settle()
+        text = f"Inferred {len(assigned)} layout{'s' if len(assigned) != 1 else ''}"
+        if undecided:
+            text += f"; {len(undecided)} undecided (their details say why)"
+            if self.reference is None:
+                text += ". Give --like FULL.ckpt for the full shapes"
+        self.notify(text, timeout=6)
 
     def action_toggle_states(self) -> None:
         self.show_states = not self.show_states

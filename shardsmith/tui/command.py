@@ -60,8 +60,6 @@ def plan_command(
         if output is not None:
             check_target(output, force, directory=False)
     else:
-        if like is not None:
-            raise PlanError("--like gives full shapes to --auto; the editor does not use it. Add --auto")
         if json_output or leave_undecided_replicated:
             option = "--json" if json_output else "--leave-undecided-replicated"
             raise PlanError(f"{option} applies to --auto only")
@@ -89,20 +87,45 @@ def plan_command(
                 stdout=stdout,
                 stderr=stderr,
             )
-        return run_editor(source, label, output=output, plan=existing, world_size=world_size, force=force)
+        return run_editor(
+            source, label, output=output, plan=existing, world_size=world_size, force=force, like=like, format=format
+        )
     finally:
         source.close()
 
 
 def run_editor(
-    source: Source, label: str, *, output: Optional[Path], plan: Optional[Plan], world_size: Optional[int], force: bool
+    source: Source,
+    label: str,
+    *,
+    output: Optional[Path],
+    plan: Optional[Plan],
+    world_size: Optional[int],
+    force: bool,
+    like: Optional[Path] = None,
+    format: Optional[str] = None,
 ) -> int:
+    """Run the editor; `like` gives the full shapes each layout is checked against, and that `i` infers from."""
+    from ..infer import open_reference
     from .app import PlanApp
 
-    if source.world_size == 1 and world_size is None and plan is not None:
-        world_size = plan.world_size
-    app = PlanApp(source, label=label, world_size=world_size, plan=plan, output=output, force=force)
-    code = app.run()
+    if source.world_size == 1:
+        if like is not None:
+            raise PlanError(
+                "--like gives the full shapes of a rank set, but the source is already one full checkpoint",
+                path=source.paths[0],
+            )
+        if world_size is None and plan is not None:
+            world_size = plan.world_size
+    reference = open_reference(like, format) if like is not None else None
+    try:
+        app = PlanApp(
+            source, label=label, world_size=world_size, plan=plan, output=output, force=force, reference=reference
+        )
+        code = app.run()
+    finally:
+        if reference is not None:
+            reference.close()
     return int(code or 0)
 
 

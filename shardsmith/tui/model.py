@@ -22,6 +22,7 @@ from ..errors import PlanError, ShardsmithError, ValidationError
 from ..infer import (
     REPLICATE,
     Assignment,
+    Inference,
     RankBytes,
     SliceShapes,
     Want,
@@ -80,8 +81,10 @@ class PlanModel:
         plan: Optional[Plan] = None,
         label: str = "",
         registry: Optional[StrategyRegistry] = None,
+        reference: Optional[Source] = None,
     ) -> None:
         self.source = source
+        self.reference = reference
         self.registry = registry or get_registry()
         self.rank_set = source.world_size > 1
         self.label = label or str(source.paths[0])
@@ -126,6 +129,7 @@ class PlanModel:
         self.errors: Dict[str, ShardsmithError] = {}
         self.digests: Dict[str, RankBytes] = {}
         self.byte_problems: Dict[str, Tuple[str, bool]] = {}  # name -> (message, blocking)
+        self.inferences: Dict[str, Inference] = {}
         self.pending: Set[str] = set(self.names)
         self._pending_order: Deque[str] = deque(self.names)
         self.dirty = False
@@ -363,10 +367,52 @@ class PlanModel:
         results, errors = resolve_with(self._resolver, [n for n in batch if self.entries[n].problem is None])
         self.results.update(results)
         self.errors.update(errors)
+        if self.reference is not None:
+            for name, result in results.items():
+                error = self._check_reference(name, result.full_shape)
+                if error is not None:
+                    self.errors[name] = error
         for name in batch:
             self._check_bytes(name)
         self.version += 1
         return batch
+
+    def reference_shape(self, name: str) -> Optional[Shape]:
+        info = self.reference.info(name) if self.reference is not None else None
+        return tuple(info.shape) if info is not None else None
+
+    def _check_reference(self, name: str, full_shape: Shape) -> Optional[ShardsmithError]:
+        expected = self.reference_shape(name)
+        if expected is None or tuple(expected) == tuple(full_shape):
+            return None
+        return ValidationError(
+            f"the layout gives full shape {list(full_shape)}, but the reference checkpoint holds "
+            f"{list(expected)}",
+            param=name,
+        )
+
+    def apply_inferences(self, inferences: Mapping[str, Inference]) -> Tuple[List[str], List[str]]:
+        """Assign what was inferred to every parameter the user has not assigned.
+
+        Returns (the names assigned, the names left undecided). States that follow their
+        parameter and parameters whose default is already right get no assignment.
+        """
+        self.inferences.update(inferences)
+        groups: Dict[Assignment, List[str]] = {}
+        undecided = []
+        for name in self.names:
+            inference = inferences.get(name)
+            if inference is None or self.entries[name].scalar or name in self.assignments:
+                continue
+            if not inference.decided:
+                undecided.append(name)
+            elif inference.assignment is not None and inference.assignment != self.default_for(name):
+                groups.setdefault(inference.assignment, []).append(name)
+        assigned = []
+        for assignment, names in groups.items():
+            self.assign(names, assignment, resolve=False)
+            assigned.extend(names)
+        return assigned, undecided
 
     def _make_resolver(self, rules: Mapping[str, object], known: Mapping[str, ParamLayout]):
         plan = _AssignedPlan(self.world_size, (), self.mirror_prefixes, (), None, rules)
@@ -393,7 +439,11 @@ class PlanModel:
         affected = self._dependents(set(tried))
         known = {n: r for n, r in self.results.items() if n not in affected}
         only = [n for n in tried if self.entries[n].problem is None]
-        _, errors = resolve_with(self._make_resolver(rules, known), only)
+        results, errors = resolve_with(self._make_resolver(rules, known), only)
+        for name, result in results.items():
+            error = self._check_reference(name, result.full_shape)
+            if error is not None:
+                errors[name] = error
         messages = [errors[n].format() for n in only if n in errors]
         messages += [f"parameter '{n}': {self.entries[n].problem}" for n in tried if self.entries[n].problem is not None]
         return len(tried), messages

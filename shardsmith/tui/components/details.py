@@ -85,6 +85,17 @@ class DetailPanel(VerticalScroll):
                 facts.append(f"bytes: hashed, {equal}\n", style="dim")
         parts.append(facts)
 
+        reference = model.reference_shape(name)
+        if reference is not None:
+            facts.append("reference: ", style="dim")
+            facts.append(shape_text(reference) + "\n")
+        inference = model.inferences.get(name)
+        if inference is not None:
+            sure = "certain" if inference.certain else "likely" if inference.decided else "undecided"
+            facts.append("inferred: ", style="dim")
+            facts.append(f"{inference.summary} ({sure})\n", style="" if inference.decided else "yellow")
+            facts.append(inference.reason + "\n", style="dim")
+
         message = model.message(name)
         if message is not None:
             text, level = message
