@@ -13,9 +13,14 @@
 # Environment: SHARDSMITH_DEMO_SKIP_SETUP=1 skips scripts/setup.sh (the tests set it, having a
 # venv already); MSRUN_TIMEOUT (seconds, default 600) bounds each msrun job.
 set -euo pipefail
+caller_dir=$PWD
 cd "$(dirname "$0")/.."
 root=$PWD
-out=${1:-demo-output}
+case "${1:-}" in
+    "") out=demo-output ;;
+    /*) out=$1 ;;
+    *) out=$caller_dir/$1 ;;  # relative to where the demo was started, not to the repository
+esac
 example=examples/hybrid_parallel
 msrun_timeout=${MSRUN_TIMEOUT:-600}
 marker=.shardsmith-demo
@@ -79,7 +84,7 @@ if [ "${SHARDSMITH_DEMO_SKIP_SETUP:-}" != 1 ]; then
     bash scripts/setup.sh
 fi
 export PATH="$root/.venv/bin:$PATH"
-export GLOG_v=3             # MindSpore's C++ warnings
+export GLOG_v=3                 # errors only from MindSpore's C++ logging
 export COLUMNS=${COLUMNS:-120}  # width of shardsmith's tables when stdout is not a terminal
 
 rm -rf "$out"
