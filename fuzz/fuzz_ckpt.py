@@ -1,6 +1,6 @@
 """Fuzz the .ckpt reader: any input must open cleanly or raise a ShardsmithError.
 
-    python fuzz/fuzz_ckpt.py fuzz/corpus/ckpt -max_total_time=600 -rss_limit_mb=1024
+    python fuzz/fuzz_ckpt.py /tmp/fuzz/ckpt fuzz/corpus/ckpt -max_total_time=600 -rss_limit_mb=1024 -dict=fuzz/ckpt.dict
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Fuzz the plan loader and the layouts it resolves: any plan file must load and lay out a
 small model cleanly, or raise a ShardsmithError.
 
-    python fuzz/fuzz_plan.py fuzz/corpus/plan -max_total_time=600 -rss_limit_mb=1024 -dict=fuzz/plan.dict
+    python fuzz/fuzz_plan.py /tmp/fuzz/plan fuzz/corpus/plan -max_total_time=600 -rss_limit_mb=1024 -dict=fuzz/plan.dict
 """
 
 import sys
@@ -32,8 +32,8 @@ SHAPES = {
 DTYPES = {name: "Float32" for name in SHAPES}
 NAMES = list(SHAPES)
 
-# Laying out a plan for a huge world size is linear in it; the world size check that runs
-# before any layout is tested apart, so larger plans are only loaded here.
+# Laying out a plan costs time linear in its world size. Larger plans are only loaded here,
+# because the world size check that runs before any layout has tests of its own.
 MAX_RESOLVED_WORLD_SIZE = 4096
 
 

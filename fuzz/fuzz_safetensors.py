@@ -1,6 +1,6 @@
 """Fuzz the .safetensors reader: any input must open cleanly or raise a ShardsmithError.
 
-    python fuzz/fuzz_safetensors.py fuzz/corpus/safetensors -max_total_time=600 -rss_limit_mb=1024
+    python fuzz/fuzz_safetensors.py /tmp/fuzz/safetensors fuzz/corpus/safetensors -max_total_time=600 -rss_limit_mb=1024 -dict=fuzz/safetensors.dict
 """
 
 import sys

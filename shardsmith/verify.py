@@ -37,32 +37,44 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def _compare_tensors(a: np.ndarray, b: np.ndarray, dtype: str, rtol: Optional[float], atol: Optional[float]) -> Optional[str]:
-    exact = rtol is None and atol is None
-    if exact and same_bytes(a, b):
+    if rtol is None and atol is None:
+        return _compare_bytes(a, b)
+    return _compare_values(a, b, dtype, rtol or 0.0, atol or 0.0)
+
+
+def _compare_bytes(a: np.ndarray, b: np.ndarray) -> Optional[str]:
+    if same_bytes(a, b):
         return None
+    if a.dtype.itemsize not in (1, 2, 4, 8):
+        return "bytes differ"
+    unsigned = f"u{a.dtype.itemsize}"
+    flat_a = a.reshape(-1).view(unsigned)
+    flat_b = b.reshape(-1).view(unsigned)
+    differing = 0
+    for start in range(0, flat_a.size, _CHUNK_ELEMENTS):
+        end = start + _CHUNK_ELEMENTS
+        differing += int(np.count_nonzero(flat_a[start:end] != flat_b[start:end]))
+    return f"bytes differ ({differing} of {a.size} elements)"
+
+
+def _compare_values(a: np.ndarray, b: np.ndarray, dtype: str, rtol: float, atol: float) -> Optional[str]:
     flat_a = a.reshape(-1)
     flat_b = b.reshape(-1)
+    # Int4 unpacks to two values per stored byte, so positions count unpacked values.
+    per_element = 2 if dt.packed_last_dim(dtype) else 1
     differing = 0
     largest = -1.0
     worst = 0
-    # Int4 unpacks to two values per stored byte, so positions count unpacked values.
-    per_element = 2 if dt.packed_last_dim(dtype) else 1
     for start in range(0, flat_a.size, _CHUNK_ELEMENTS):
-        part_a = flat_a[start : start + _CHUNK_ELEMENTS]
-        part_b = flat_b[start : start + _CHUNK_ELEMENTS]
-        if exact:
-            if a.dtype.itemsize not in (1, 2, 4, 8):
-                return "bytes differ"
-            unsigned = f"u{a.dtype.itemsize}"
-            differing += int(np.count_nonzero(part_a.view(unsigned) != part_b.view(unsigned)))
-            continue
-        fa = dt.to_float64(np.ascontiguousarray(part_a), dtype).reshape(-1)
-        fb = dt.to_float64(np.ascontiguousarray(part_b), dtype).reshape(-1)
-        close = np.isclose(fa, fb, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=True)
+        end = start + _CHUNK_ELEMENTS
+        fa = dt.to_float64(np.ascontiguousarray(flat_a[start:end]), dtype).reshape(-1)
+        fb = dt.to_float64(np.ascontiguousarray(flat_b[start:end]), dtype).reshape(-1)
+        close = np.isclose(fa, fb, rtol=rtol, atol=atol, equal_nan=True)
         count = int(close.size - np.count_nonzero(close))
         if not count:
             continue
         differing += count
+
         with np.errstate(invalid="ignore"):
             diff = np.abs(fa - fb)
         diff[close] = 0
@@ -70,14 +82,13 @@ def _compare_tensors(a: np.ndarray, b: np.ndarray, dtype: str, rtol: Optional[fl
         index = int(np.argmax(diff))
         if diff[index] > largest:
             largest, worst = float(diff[index]), start * per_element + index
-    if exact:
-        return f"bytes differ ({differing} of {a.size} elements)"
     if not differing:
         return None
+
     shape = a.shape[:-1] + (a.shape[-1] * per_element,) if a.ndim else ()
     position = [int(i) for i in np.unravel_index(worst, shape)] if shape else []
     return (
-        f"values differ beyond rtol={rtol or 0} atol={atol or 0} in {differing} of {a.size * per_element} elements; "
+        f"values differ beyond rtol={rtol} atol={atol} in {differing} of {a.size * per_element} elements; "
         f"largest difference {largest:.6g} at index {position}"
     )
 

@@ -33,9 +33,8 @@ def test_fuzzer_finds_nothing(tmp_path, target):
         "-rss_limit_mb=1024",
         "-timeout=10",
         f"-artifact_prefix={tmp_path}/",
+        f"-dict={FUZZ / f'{target}.dict'}",
     ]
-    if target == "plan":
-        command.append(f"-dict={FUZZ / 'plan.dict'}")
     result = subprocess.run(command, capture_output=True, text=True, timeout=SECONDS + 120, cwd=tmp_path)
     findings = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-", "leak-")))
     assert result.returncode == 0, result.stderr[-4000:]
