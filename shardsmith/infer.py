@@ -47,6 +47,10 @@ from .strategies.mirror import parameter_of
 
 logger = logging.getLogger(__name__)
 
+# Buffers that data-parallel ranks update on their own, so their copies differ (the last name
+# component of nn.BatchNorm's running statistics in MindSpore 2.10).
+UNSYNCHRONIZED_BUFFERS = ("moving_mean", "moving_variance")
+
 # Device-axis orders tried per parameter are (split dims + 1)!; past this many split dims only
 # the row-major order is tried, which is the one SPEC prefers anyway.
 MAX_PERMUTED_AXES = 4
@@ -402,6 +406,22 @@ def _infer_from_full(
             notes.append("every slice is one repeated value, so equal bytes prove nothing")
         else:
             consistent = [c for c in candidates if _refines(c.layout, partition)]
+            if not consistent and candidates[0].assignment == REPLICATE:
+                # The shapes leave only copies, so the copies have drifted apart.
+                first = Assignment("replicate", (), "first")
+                return Inference(
+                    name,
+                    first.summary(),
+                    False,
+                    f"{notes[0]}: every rank holds a copy, but the copies differ (ranks "
+                    f"{_groups_text(partition)}), as unsynchronized buffers do; merge takes rank 0's "
+                    'with replicas = "first"',
+                    first,
+                    True,
+                    None,
+                    tuple(full),
+                    (first.summary(),),
+                )
             if not consistent:
                 return _undecided(
                     name,
@@ -441,10 +461,6 @@ def _infer_from_full(
     if len(pool) > 1:
         others = ", ".join(c.summary for c in pool[1:4]) + (", …" if len(pool) > 4 else "")
         notes.append(f"also fits: {others}; took the first SPEC names")
-    if chosen.assignment == REPLICATE and held is not None and not held.all_equal:
-        chosen = Candidate(Assignment("replicate", (), "first"), chosen.layout)
-        certain = False
-        notes.append("the copies differ (unsynchronized buffers?), so merge takes rank 0's with replicas = \"first\"")
     return Inference(
         name,
         chosen.summary,
@@ -491,6 +507,19 @@ def _infer_without_full(
 
     parts = len(partition)
     copies = "every rank holds different bytes" if parts == world_size else f"copies on ranks {_groups_text(partition)}"
+    if name.rsplit(".", 1)[-1] in UNSYNCHRONIZED_BUFFERS:
+        return Inference(
+            name,
+            Assignment("replicate", (), "first").summary(),
+            False,
+            f"{copies}, as the running statistics of a BatchNorm are not synchronized across "
+            "data-parallel ranks; merge takes rank 0's copy. Give --like FULL.ckpt to be sure",
+            Assignment("replicate", (), "first"),
+            True,
+            None,
+            slice_shape,
+            ("replicate",),
+        )
     if world_size % parts:
         return _undecided(name, f"the ranks fall into {parts} groups of equal bytes ({_groups_text(partition)}), which no layout over {world_size} ranks gives")
 
@@ -506,11 +535,13 @@ def _infer_without_full(
         return _undecided(name, f"split ({copies}), but no layout of slices {list(slice_shape)} puts the copies there")
     if len(options) == 1:
         full, candidate = options[0]
+        # Copies that drift apart (buffers no collective keeps equal) look exactly like this.
         return Inference(
             name,
             candidate.summary,
-            True,
-            f"{copies}; a {len(slice_shape)}-D slice can only be split along dim 0, full shape {list(full)}",
+            False,
+            f"{copies}; a {len(slice_shape)}-D slice can only be split along dim 0, full shape {list(full)}, "
+            "unless the ranks hold unsynchronized copies; give --like FULL.ckpt to be sure",
             candidate.assignment,
             True,
             None,

@@ -119,6 +119,10 @@ def network(tmp_path: Path, ms):
     for rank, block in enumerate(row_blocks(moments, 4, W)):
         per_rank[rank]["moments.row.weight"] = block
         per_rank[rank]["moments.grid.weight"] = np.zeros((4, 6), np.float32)
+    # BatchNorm running statistics drift apart on data-parallel ranks; merge keeps rank 0's.
+    for rank in range(W):
+        per_rank[rank]["bn.moving_mean"] = random((6,), 100 + rank)
+    full["bn.moving_mean"] = per_rank[0]["bn.moving_mean"]
     for rank in range(W):
         per_rank[rank]["learning_rate"] = np.array(0.01, np.float32)
         per_rank[rank]["global_step"] = np.array([5], np.int32)
@@ -142,6 +146,7 @@ def test_like_infers_every_builtin(network):
     assert inferences["moments.row.weight"].assignment is None
     assert inferences["moments.grid.weight"].summary == "mirror of 'grid.weight'"
     assert inferences["learning_rate"].summary == "replicate"
+    assert inferences["bn.moving_mean"].assignment == Assignment("replicate", (), "first")
 
 
 def test_like_certainty(network):
@@ -205,9 +210,13 @@ def test_without_like_lists_what_it_cannot_tell(network):
     assert inferences["moments.grid.weight"].summary == "replicate"
     assert not inferences["moments.grid.weight"].certain
     assert "one repeated value" in inferences["moments.grid.weight"].reason
-    # A 1-D slice can only be split along dim 0; equal bytes everywhere mean replicated.
+    # A 1-D slice can only be split along dim 0, but unsynchronized copies look the same.
     assert inferences["bias"].assignment == Assignment.make("row")
-    assert inferences["bias"].certain
+    assert not inferences["bias"].certain
+    assert "unsynchronized copies" in inferences["bias"].reason
+    assert inferences["bn.moving_mean"].assignment == Assignment("replicate", (), "first")
+    assert "BatchNorm" in inferences["bn.moving_mean"].reason
+    # Equal bytes everywhere mean replicated.
     assert inferences["norm.gamma"].assignment == REPLICATE
     assert inferences["norm.gamma"].certain
     assert inferences["global_step"].assignment == REPLICATE
@@ -248,7 +257,7 @@ def test_cli_auto_leave_undecided_replicated(network, tmp_path, cli):
     result = cli("plan", root, "--auto", "--leave-undecided-replicated", "-o", plan)
     assert result.exit_code == 0, result.output
     loaded = load_plan(plan)
-    assert [rule.match for rule in loaded.rules] == ["bias"]
+    assert [rule.match for rule in loaded.rules] == ["bias", "bn.moving_mean"]
     assert "# undecided, left replicated: row.weight, row2.weight" in plan.read_text()
     assert "7 undecided" in result.stderr
 
