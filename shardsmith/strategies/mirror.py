@@ -37,7 +37,9 @@ _KNOWN_PREFIXES = {
     "accum_update.",  # Adadelta
     "prev.",  # Rprop
     "step_size.",
-    "ax.",  # ASGD
+    "ax.",  # experimental ASGD
+    "ax_.",  # nn.ASGD
+    "momentum_buf.",  # mint.optim.SGD
     "exp_avg_sq_row_",  # AdaFactor, factored: one entry per row of the parameter
     "exp_avg_sq_col_",  # AdaFactor, factored: one entry per column
     "exp_avg_sq_",  # AdaFactor: the full second moment, or a (1,) placeholder
