@@ -31,6 +31,7 @@ import itertools
 import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Set, Tuple, Union
@@ -760,6 +761,10 @@ class Want:
 
 DONT_CARE = None  # scalars: plan rules never apply to them
 
+# Globs are also built from the whole names of groups up to this size; each is matched against
+# every name, and the count of such globs grows with the group.
+MAX_GROUP_FOR_NAME_GLOBS = 200
+
 
 def glob_escape(name: str) -> str:
     """Escape fnmatch's special characters so a glob matches `name` only."""
@@ -769,16 +774,33 @@ def glob_escape(name: str) -> str:
 _DIGITS = re.compile(r"\d+")
 
 
-def _numeric_glob(name: str) -> Optional[str]:
-    """`layers.11.wq.weight` -> `layers.*.wq.weight`; None when the name has no digits."""
+def _numeric_globs(name: str) -> Set[str]:
+    """Return the name with each run of digits, and with all of them, replaced by `*`.
+
+    `layers.11.ffn.w1.weight` gives `layers.*.ffn.w1.weight`, `layers.11.ffn.w*.weight` and
+    `layers.*.ffn.w*.weight`, because `w1` and `w2` usually need different rules.
+    """
     parts = _DIGITS.split(name)
-    if len(parts) == 1:
-        return None
-    return "*".join(glob_escape(p) for p in parts)
+    runs = _DIGITS.findall(name)
+    if not runs:
+        return set()
+    escaped = [glob_escape(p) for p in parts]
+    globs = {"*".join(escaped)}
+    for k in range(len(runs)):
+        pieces = [escaped[0]]
+        for i, run in enumerate(runs):
+            pieces.append("*" if i == k else run)
+            pieces.append(escaped[i + 1])
+        globs.add("".join(pieces))
+    return globs
 
 
-def _merged_globs(globs: Iterable[str]) -> Set[str]:
-    """Globs that put `*` in one dotted position where at least two of `globs` differ only there."""
+def _merged_globs(globs: Iterable[str], limit: int = 200) -> Set[str]:
+    """Return globs with `*` in one dotted position where at least two of `globs` differ only there.
+
+    At most `limit` of them, those that merge the most, because each one is later matched
+    against every name.
+    """
     by_key: Dict[str, Set[str]] = {}
     for glob in globs:
         tokens = glob.split(".")
@@ -787,7 +809,8 @@ def _merged_globs(globs: Iterable[str]) -> Set[str]:
                 continue
             key = ".".join(tokens[:k] + ["*"] + tokens[k + 1 :])
             by_key.setdefault(key, set()).add(glob)
-    return {key for key, members in by_key.items() if len(members) > 1}
+    merging = sorted((key for key, members in by_key.items() if len(members) > 1), key=lambda k: -len(by_key[k]))
+    return set(merging[:limit])
 
 
 def compact_rules(
@@ -830,8 +853,13 @@ def compact_rules(
 
     chosen: List[Tuple[int, str, Assignment]] = []
     for assignment, group in needed.items():
-        numeric = {g for g in (_numeric_glob(n) for n in group) if g is not None}
-        pool = list(dict.fromkeys(list(candidates) + sorted(_merged_globs(numeric)) + sorted(numeric)))
+        # A glob that only one name of the group produces cannot beat that name's own rule.
+        produced = Counter(glob for name in group for glob in _numeric_globs(name))
+        numeric = {glob for glob, count in produced.items() if count > 1}
+        merged = _merged_globs(numeric)
+        if len(group) <= MAX_GROUP_FOR_NAME_GLOBS:
+            merged |= _merged_globs(glob_escape(n) for n in group)  # fc1.weight + fc1.bias -> fc1.*
+        pool = list(dict.fromkeys(list(candidates) + sorted(merged) + sorted(numeric)))
         uncovered = set(group)
         usable = [g for g in pool if any(n in uncovered for n in matched(g)) and valid(g, assignment)]
         while uncovered and usable:

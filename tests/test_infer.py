@@ -329,18 +329,27 @@ def _wants(**needs):
 
 
 def test_compact_uses_numeric_globs():
-    names = [f"layers.{i}.{p}" for i in range(12) for p in ("wq.weight", "wo.weight", "norm")]
+    parts = ("wq.weight", "wo.weight", "w1.weight", "w2.weight", "norm")
+    names = [f"layers.{i}.{p}" for i in range(12) for p in parts]
     row, column = Assignment.make("row"), Assignment.make("column")
     wants = {}
     for name in names:
-        if name.endswith("wq.weight"):
+        if name.endswith(("wq.weight", "w1.weight")):
             wants[name] = Want(row, False)
-        elif name.endswith("wo.weight"):
+        elif name.endswith(("wo.weight", "w2.weight")):
             wants[name] = Want(column, False)
         else:
             wants[name] = Want(None, True)
+    # One norm of one layer is split too: no glob may reach the other norms.
+    wants["layers.3.norm"] = Want(row, False)
     rules = compact_rules(names, wants)
-    assert [(r.match, r.strategy) for r in rules] == [("layers.*.wq.weight", "row"), ("layers.*.wo.weight", "column")]
+    assert [(r.match, r.strategy) for r in rules] == [
+        ("layers.*.wq.weight", "row"),
+        ("layers.*.wo.weight", "column"),
+        ("layers.*.w1.weight", "row"),
+        ("layers.*.w2.weight", "column"),
+        ("layers.3.norm", "row"),
+    ]
     assert check_rules(names, wants, rules) == []
 
 
@@ -376,3 +385,49 @@ def test_compact_leaves_scalars_alone():
     wants = {"w.0": Want(row, False), "w.1": Want(row, False), "w.step": None}
     rules = compact_rules(names, wants)
     assert [r.match for r in rules] == ["w.*"]
+
+
+def test_auto_recovers_example_plan(tmp_path, ms):
+    """The hybrid-parallel example's 4-rank layout, sliced by its own hand-written `slice_of` with
+    Adam states: --auto --like must infer exactly the layouts of its plan_4.toml."""
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "hybrid_parallel"
+    sys.path.insert(0, str(example))
+    try:
+        import model as example_model
+    finally:
+        sys.path.remove(str(example))
+    layout = example_model.LAYOUTS[4]
+    full = dict(example_model.initial_weights())
+    for seed, name in enumerate(list(full)):
+        full[f"moment1.{name}"] = random(full[name].shape, 200 + seed)
+        full[f"moment2.{name}"] = np.abs(random(full[name].shape, 300 + seed))
+    per_rank = [
+        {name: example_model.slice_of(name.split(".", 1)[1] if name.startswith("moment") else name, array, layout, rank)
+         for name, array in full.items()}
+        for rank in range(W)
+    ]
+    for rank in range(W):
+        per_rank[rank]["global_step"] = np.array([5], np.int32)
+        per_rank[rank]["learning_rate"] = np.array(0.01, np.float32)
+    root = write_rank_set(tmp_path / "ranks", per_rank)
+    reference = save_ms(tmp_path / "full.ckpt", full)
+
+    with open_source([root]) as source:
+        result = infer_plan(source, reference)
+        names = list(source.names)
+        dtypes = {n: source.info(n).dtype for n in names}
+        shapes = {n: source.slice_shapes(n) for n in names}
+    assert result.undecided == []
+    expected = load_plan(example / "plan_4.toml")
+    inferred = resolve_slices(result.plan, names, dtypes, shapes)
+    wanted = resolve_slices(expected, names, dtypes, shapes)
+    for name in names:
+        assert inferred[name].layout.pieces == wanted[name].layout.pieces, name
+        assert inferred[name].full_shape == wanted[name].full_shape, name
+    assert result.inferences["fc3.bias"].assignment == Assignment.make(
+        "tensor_map", {"dev_matrix": [2, 2], "tensor_map": [1]}
+    )
+    assert result.inferences["moment1.fc3.weight"].summary == "mirror of 'fc3.weight'"
+    assert [rule.match for rule in result.plan.rules] == ["fc1.*", "fc2.weight", "fc3.weight", "fc3.bias"]
