@@ -539,3 +539,22 @@ async def test_infer_key_fills_untouched_parameters(rank_set, tmp_path):
         assert "norm.gamma" not in model.assignments
         assert model.inferences["layers.1.wo.weight"].summary == "column"
         assert [name for name, _ in model.problems(("error",))] == ["layers.1.wo.weight"]
+
+
+@run_async
+async def test_dialog_keys_stay_in_dialog(rank_set):
+    """Inside the assign dialog, app keys do nothing and Ctrl+S applies the dialog, not a save."""
+    root, _ = rank_set
+    app = make_app(root)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_until_settled()
+        app.query_one(ParamTable).move_to("layers.0.wq.weight")
+        await pilot.press("a")
+        await pilot.pause()
+        await pilot.press("a", "q", "g")
+        await pilot.pause()
+        assert [type(s).__name__ for s in app.screen_stack] == ["Screen", "AssignScreen"]
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert [type(s).__name__ for s in app.screen_stack] == ["Screen"]
+        assert app.model.assignments["layers.0.wq.weight"] == Assignment.make("row")

@@ -71,7 +71,7 @@ class PlanApp(App[int]):
         Binding("h", "hash_now", "Hash", show=False),
         Binding("s", "toggle_states", "States", show=False),
         Binding("escape", "clear", "Clear", show=False),
-        Binding("ctrl+s", "save", "Save", priority=True),
+        Binding("ctrl+s", "save", "Save"),
         Binding("q", "quit", "Quit"),
         Binding("question_mark,f1", "help", "Help"),
     ]
