@@ -558,3 +558,29 @@ async def test_dialog_keys_stay_in_dialog(rank_set):
         await pilot.pause()
         assert [type(s).__name__ for s in app.screen_stack] == ["Screen"]
         assert app.model.assignments["layers.0.wq.weight"] == Assignment.make("row")
+
+
+def test_ranks_text():
+    from shardsmith.tui.components.preview import ranks_text
+
+    assert ranks_text([0, 1, 2, 3]) == "0-3"
+    assert ranks_text([4, 0]) == "0,4"
+    assert ranks_text([0, 1, 6]) == "0,1,6"
+    assert ranks_text([0, 1, 2, 5, 6]) == "0-2,5,6"
+    assert ranks_text(list(range(0, 64, 8))) == "0,8,…,56"
+
+
+def test_preview_of_64_ranks_fits_the_panel():
+    from rich.console import Console
+
+    from shardsmith.layout import from_tensor_map
+    from shardsmith.tui.components.preview import layout_drawing
+
+    console = Console(width=44, record=True)
+    console.print(layout_drawing(from_tensor_map((64, 64), [8, 8], [1, -1])))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 44 for line in lines)
+    assert any("0-7" in line for line in lines)
+    console = Console(width=44, record=True)
+    console.print(layout_drawing(from_tensor_map((64, 64), [8, 8], [0, -1])))
+    assert "0,8,…,56" in console.export_text()

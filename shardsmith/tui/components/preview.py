@@ -21,9 +21,13 @@ PALETTE = ("cyan", "magenta", "green", "yellow", "bright_blue", "red", "bright_c
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
-    """Write ranks compactly: `0-3`, `0,4`, `0-1,6`."""
-    parts: List[str] = []
+    """Write ranks compactly: `0-3`, `0,4`, `0-1,6`, and a long even stride as `0,8,…,56`."""
     ranks = sorted(ranks)
+    if len(ranks) > 3:
+        steps = {b - a for a, b in zip(ranks, ranks[1:])}
+        if len(steps) == 1 and steps != {1}:
+            return f"{ranks[0]},{ranks[1]},…,{ranks[-1]}"
+    parts: List[str] = []
     start = prev = None
     for rank in ranks + [None]:
         if start is None:
