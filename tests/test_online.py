@@ -332,7 +332,7 @@ def test_own_rank_file_reads_only_its_directory(tmp_path):
     (tmp_path / "rank_1" / "net.ckpt").write_bytes(b"x")
 
     assert own_rank_file([tmp_path], None, 1, 2) == tmp_path / "rank_1" / "net.ckpt"
-    with pytest.raises(RankSetError, match="rank 0's directory rank_0 is not found"):
+    with pytest.raises(RankSetError, match="rank_0 is not found; each worker reads only its own"):
         own_rank_file([tmp_path], None, 0, 2)
     with pytest.raises(RankSetError, match="has rank_1 but msrun started 1 workers"):
         own_rank_file([tmp_path], None, 0, 1)
@@ -450,7 +450,7 @@ def test_gather_command_missing_rank_fails_everywhere(inputs, tmp_path):
     assert result.returncode == 1, text
     worker_logs = [(tmp_path / "log" / f"worker_{r}.log").read_text() for r in range(2)]
     for log in worker_logs:
-        assert "rank 1: " in log and "rank 1's directory rank_1 is not found" in log, logs(tmp_path / "log")
+        assert f"rank 1: {source}: rank_1 is not found" in log, logs(tmp_path / "log")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "set2"]
 
 
@@ -516,15 +516,19 @@ def test_online_cases_on_2_workers(inputs, tmp_path):
             if got["ok"]:
                 assert got["value"] in (None, []), f"rank {rank}, {case}: {got['value']}"
     # The failures are agreed, so both ranks report the same message.
-    for case in ("missing_rank", "bad_slice", "replicas_differ"):
+    for case in ("missing_rank", "bad_slice", "replicas_differ", "small_replica_differs"):
         assert outcomes[0][case]["error"] == outcomes[1][case]["error"]
 
     assert_same_files(work / "gathered.ckpt", inputs["merged2"])
     assert_same_manifest(work / "gathered.ckpt", inputs["merged2"], "gather")
     assert_same_files(work / "gathered.safetensors", inputs["merged2_st"])
     assert_same_files(work / "params.ckpt", inputs["merged2"])
-    for name in ("missing.ckpt", "bad_slice.ckpt", "replicas_differ.ckpt"):
+    for name in ("missing.ckpt", "bad_slice.ckpt", "replicas_differ.ckpt", "small_replica_differs.ckpt"):
         assert not (work / name).exists()
+    first = tmp_path / "first.ckpt"
+    jobs.merge([work / "broken_replicas_differ"], inputs["plan2"], first, replicas="first")
+    assert_same_files(work / "replicas_first.ckpt", first)
+    assert "keeping the lowest rank's copy" in (tmp_path / "log" / "worker_0.log").read_text()
     assert_same_files(work / "split", inputs["set2"])
     assert_same_files(work / "resharded", inputs["resharded"])
     assert_same_files(work / "merged.ckpt", inputs["merged2"])
@@ -542,14 +546,21 @@ EXPECTED_OUTCOMES = {
     "load_from_full": (True, None),
     "load_from_rank_set": (True, None),
     "missing_rank": (False, "DistributedError", "rank 1: "),
-    "bad_slice": (False, "DistributedError", "rank 1 holds a slice of shape [8, 3]"),
+    "bad_slice": (False, "LayoutError", "rank 0 holds [16, 4] and rank 1 holds [16, 3]"),
     "replicas_differ": (False, "ValidationError", "copies that should be identical differ: the copy on rank 1 differs"),
+    "small_replica_differs": (False, "DistributedError", "rank 0: parameter 'norm.gamma': replicated values differ"),
+    "replicas_first": (True, None),
     "distributed_split": (True, None),
     "distributed_reshard": (True, None),
     "distributed_merge": (True, None),
     "distributed_merge_crc": (True, None),
     "distributed_merge_safetensors": (True, None),
 }
+
+
+# Rank sets made from the 2-rank set by changing one parameter on rank 1: a wrong slice shape, a
+# large replicated tensor (compared by hash), a small one (gathered, compared on rank 0).
+BROKEN = {"bad_slice": "embedding.weight", "replicas_differ": "big.table", "small_replica_differs": "norm.gamma"}
 
 
 def _broken_copies(inputs: Dict[str, Path], work: Path) -> Dict[str, Path]:
@@ -562,7 +573,7 @@ def _broken_copies(inputs: Dict[str, Path], work: Path) -> Dict[str, Path]:
     shutil.rmtree(missing / "rank_1")
     broken["missing"] = missing
 
-    for case, changed in (("bad_slice", "embedding.weight"), ("replicas_differ", "big.table")):
+    for case, changed in BROKEN.items():
         root = work / f"broken_{case}"
         shutil.copytree(inputs["set2"], root)
         path = rank_file(root, 1)
@@ -571,7 +582,7 @@ def _broken_copies(inputs: Dict[str, Path], work: Path) -> Dict[str, Path]:
         if case == "bad_slice":
             tensors[changed] = mindspore.Tensor(values[:, :3])
         else:
-            values[0, 0] += 1
+            values.reshape(-1)[0] += 1
             tensors[changed] = mindspore.Tensor(values)
         tensors["epoch_num"] = int(tensors["epoch_num"].asnumpy())
         tensors["note"] = tensors.pop("note")
@@ -603,7 +614,7 @@ def run_cases(work: Path) -> None:
         except Exception as exc:  # noqa: BLE001 - rank 1 must not wait for rank 0 forever
             failure = repr(exc)
     cluster.check(failure)
-    broken = {k: work / f"broken_{k}" for k in ("missing", "bad_slice", "replicas_differ")}
+    broken = {k: work / f"broken_{k}" for k in ("missing", *BROKEN)}
     own_file = rank_file(inputs["set2"], cluster.rank)
     small_chunks = 4096  # large.weight's 64 KiB slices cross 16 AllGathers
 
@@ -637,6 +648,12 @@ def run_cases(work: Path) -> None:
         "bad_slice": lambda: gather_files(cluster, [broken["bad_slice"]], inputs["plan2"], work / "bad_slice.ckpt"),
         "replicas_differ": lambda: gather_files(
             cluster, [broken["replicas_differ"]], inputs["plan2"], work / "replicas_differ.ckpt"
+        ),
+        "small_replica_differs": lambda: gather_files(
+            cluster, [broken["small_replica_differs"]], inputs["plan2"], work / "small_replica_differs.ckpt"
+        ),
+        "replicas_first": lambda: gather_files(
+            cluster, [broken["replicas_differ"]], inputs["plan2"], work / "replicas_first.ckpt", replicas="first"
         ),
         "distributed_split": lambda: distribute(cluster, "split", [inputs["full"]], inputs["plan2"], work / "split"),
         "distributed_reshard": lambda: distribute(

@@ -259,7 +259,7 @@ def own_rank_file(sources: Sequence[PathLike], select: Optional[str], rank: int,
         own = directory / f"rank_{rank}"
         if not own.is_dir():
             raise RankSetError(
-                f"rank {rank}'s directory rank_{rank} is not found; each worker reads its own rank's directory",
+                f"rank_{rank} is not found; each worker reads only its own rank's directory",
                 path=directory,
             )
         return pick_checkpoint(own, select, rank)
@@ -331,6 +331,7 @@ def gather_files(
     Every rank returns the job it took part in, or raises the same ShardsmithError.
     """
     output = Path(output)
+    warn = warn or (lambda message: logger.warning("%s", message))
     failure = None
     reader = None
     plan_obj = Plan(cluster.world_size)

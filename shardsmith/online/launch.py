@@ -3,13 +3,15 @@
 msrun starts the command once per worker (`MS_ROLE=MS_WORKER`) and once more as its scheduler
 (`MS_ROLE=MS_SCHED`). The scheduler only serves the cluster, inside `init()`, and does no work.
 
-How a failed job ends matters with msrun (checked with MindSpore 2.10 on CPU): as soon as one
-worker exits non-zero, msrun SIGKILLs every other worker, and when a killed worker has not yet
-said goodbye to the scheduler, the scheduler logs "The node: r is timed out" about 30 s later
-and exits non-zero too. msrun itself exits 1 whenever a worker or the scheduler exits non-zero,
-and 0 only when all of them exit 0. So after a failure that all ranks agree on, rank 0 (which
-owns the output and has already removed its temporary files) exits first, and the other ranks
-wait a moment so that msrun's kill finds them idle.
+How a failed job ends matters with msrun (checked with MindSpore 2.10 on CPU, 2 and 4 workers):
+as soon as one worker exits non-zero, msrun SIGKILLs every other worker. A worker killed before
+it has left the cluster makes the scheduler log "The node: r is timed out" about 30 s later and
+exit non-zero. msrun exits 1 when any worker or the scheduler exits non-zero, 0 only when all
+of them exit 0. So after a failure that every rank knows of (the jobs agree on every failure
+through their collectives, see `cluster`), the other ranks print the error and exit 0, and rank
+0 exits non-zero a moment later, once they have left: msrun then exits 1 without the timeout.
+An unexpected exception (a bug) is not caught here; that rank exits non-zero at once and msrun
+kills the others, which would otherwise wait in a collective the rank never joins.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from .cluster import Cluster, msrun_role
 
 logger = logging.getLogger(__name__)
 
-# Seconds a non-zero rank waits before exiting after a failed job, so that rank 0 exits first.
-FOLLOWER_EXIT_DELAY = 5.0
+# Seconds rank 0 waits before exiting after a failed job, so that the other ranks leave first.
+ROOT_EXIT_DELAY = 3.0
 
 
 def print_error(message: str) -> None:
@@ -68,8 +70,9 @@ def _serve_scheduler(device: Optional[str]) -> int:
 def run_in_msrun(command: str, work: Callable[[Cluster], None], *, device: Optional[str] = None) -> int:
     """Run `work` on every msrun worker and return this process's exit code.
 
-    `work` raises ShardsmithError on failure; the failures that matter are agreed through the
-    cluster's collectives, so every rank raises together and prints the same message.
+    `work` raises ShardsmithError on failure, on every rank together (the jobs agree on every
+    failure). Every rank prints the message; rank 0 returns the error's exit code and the other
+    ranks return 0, so that msrun's exit code is rank 0's (see the module docstring).
     """
     role = msrun_role()
     if role is None:
@@ -95,7 +98,8 @@ def run_in_msrun(command: str, work: Callable[[Cluster], None], *, device: Optio
         print_error(exc.format())
         release()
         if not cluster.is_root:
-            time.sleep(FOLLOWER_EXIT_DELAY)
+            return 0
+        time.sleep(ROOT_EXIT_DELAY)
         return exc.exit_code
     release()
     return 0
