@@ -345,12 +345,8 @@ class PlanApp(App[int]):
     # -- actions --------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
-        """Keep editing keys out of the way while the filter has focus or no model exists yet."""
-        editing = ("assign", "mark_glob", "reset", "next_error", "hash_now", "infer", "toggle_states", "quit", "help")
+        """Disable the editing keys until there is a model (the world size prompt is up)."""
         if self.model is None and action not in ("quit", "help"):
-            return False
-        focused = self.focused
-        if isinstance(focused, Input) and action in editing and action not in ("quit",):
             return False
         return True
 
@@ -545,8 +541,10 @@ class PlanApp(App[int]):
         model = self.model
         assert model is not None
         if model.pending:
-            model.resolve_pending()
-            self._changed(list(model.names))
+            self.notify("Saving once every parameter is laid out…", timeout=2)
+            self._settle()
+            while model.pending:
+                await asyncio.sleep(0.05)
 
         accept = False
         errors = model.problems(("error",))
