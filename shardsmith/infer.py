@@ -296,8 +296,8 @@ class Inference:
     `summary` is the layout for tables ("row", "grid(grid=[2, 2])", "replicate", "mirror of 'w'",
     or "?" when undecided). `certain` is True when the evidence allows only this layout.
     `reason` names the evidence that decided it, or what is missing. `assignment` is the rule to
-    write (None for scalars, for states that follow their parameter by default, and for
-    undecided parameters); `candidates` lists the layouts still open.
+    write. It is None for scalars, for states that follow their parameter by default, and for
+    undecided parameters. `candidates` lists the layouts still open.
     """
 
     name: str
@@ -745,7 +745,7 @@ def _follow_parents(
 
 @dataclass(frozen=True)
 class Want:
-    """What the plan must give one parameter.
+    """The layout a plan must give one parameter, as the rules that may match it.
 
     `required` is the assignment a matching rule must carry (None: no rule may match).
     `default_ok` is True when the plan may also leave the name to the default (replicate, or
@@ -761,8 +761,8 @@ class Want:
 
 DONT_CARE = None  # scalars: plan rules never apply to them
 
-# Globs are also built from the whole names of groups up to this size; each is matched against
-# every name, and the count of such globs grows with the group.
+# Globs are also built from the whole names of groups up to this size. Each such glob is matched
+# against every name, and their count grows with the group.
 MAX_GROUP_FOR_NAME_GLOBS = 200
 
 

@@ -154,7 +154,7 @@ def test_full_checkpoint_split_planned(tmp_path, ms, snap_compare):
 
 
 def test_inferred_without_reference(rank_set, snap_compare):
-    """After `i` without --like: 2-D splits stay undecided and the details panel says why."""
+    """After `i` without --like: 2-D splits stay undecided and the details panel explains why."""
     app = PlanApp(open_source([rank_set]), label="ranks")
 
     async def run_before(pilot):

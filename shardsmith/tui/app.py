@@ -292,6 +292,7 @@ class PlanApp(App[int]):
         if model is None:
             return
         parts = [f"world size {model.world_size}"]
+
         counts = model.counts()
         errors = counts.get("error", 0)
         accepted = counts.get("accepted", 0) + counts.get("warning", 0)
@@ -306,6 +307,7 @@ class PlanApp(App[int]):
             else:
                 parts.append("bytes checked")
         parts.append(f"{len(model.assignments)} assigned")
+
         text = Text(" · ".join(parts), style="")
         if errors:
             text.append(f" · {errors} error{'s' if errors != 1 else ''}", style="bold red")

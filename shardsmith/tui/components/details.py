@@ -91,7 +91,12 @@ class DetailPanel(VerticalScroll):
             facts.append(shape_text(reference) + "\n")
         inference = model.inferences.get(name)
         if inference is not None:
-            sure = "certain" if inference.certain else "likely" if inference.decided else "undecided"
+            if not inference.decided:
+                sure = "undecided"
+            elif inference.certain:
+                sure = "certain"
+            else:
+                sure = "likely"
             facts.append("inferred: ", style="dim")
             facts.append(f"{inference.summary} ({sure})\n", style="" if inference.decided else "yellow")
             facts.append(inference.reason + "\n", style="dim")

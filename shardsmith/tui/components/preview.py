@@ -36,7 +36,12 @@ def ranks_text(ranks: Sequence[int]) -> str:
         if rank is not None and rank == prev + 1:
             prev = rank
             continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}" if prev > start + 1 else f"{start},{prev}")
+        if start == prev:
+            parts.append(f"{start}")
+        elif prev > start + 1:
+            parts.append(f"{start}-{prev}")
+        else:
+            parts.append(f"{start},{prev}")
         start = prev = rank
     return ",".join(parts)
 
