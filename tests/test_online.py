@@ -537,6 +537,22 @@ def test_online_cases_on_2_workers(inputs, tmp_path):
     assert_same_files(work / "merged.safetensors", inputs["merged2_st"])
 
 
+@pytest.mark.slow
+def test_gather_example_runs(tmp_path):
+    script = THIS.parents[1] / "examples" / "gather" / "run.sh"
+
+    try:
+        result = subprocess.run(
+            ["bash", str(script), str(tmp_path)], env=msrun_env(), capture_output=True, text=True, timeout=240
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{script} did not finish within 240 s\n{logs(tmp_path / 'log_gather')}{logs(tmp_path / 'log_memory')}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{tmp_path}/gathered.ckpt and {tmp_path}/full.ckpt are identical" in result.stdout
+    assert f"{tmp_path}/from_memory.ckpt and {tmp_path}/full.ckpt are identical" in result.stdout
+
+
 # case -> (succeeds, exception type, text in the message)
 EXPECTED_OUTCOMES = {
     "gather_files": (True, None),
