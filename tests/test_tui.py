@@ -584,3 +584,24 @@ def test_preview_of_64_ranks_fits_the_panel():
     console = Console(width=44, record=True)
     console.print(layout_drawing(from_tensor_map((64, 64), [8, 8], [0, -1])))
     assert "0,8,…,56" in console.export_text()
+
+
+@run_async
+async def test_dialog_check_follows_the_fields(rank_set):
+    root, _ = rank_set
+    app = make_app(root)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.wait_until_settled()
+        app.query_one(ParamTable).move_to("layers.0.wq.weight")
+        screen = await assign_in_dialog(pilot, app, 2, {"grid": "3, 1"})
+        assert "does not divide world size 4" in check_text(screen)
+        screen.query_one("#option-grid", Input).value = "2, 2, 2"
+        await pilot.pause()
+        assert check_text(screen) == "✗ strategy 'grid': option 'grid' must be two integers [a, b], got [2, 2, 2]"
+        screen.query_one("#option-grid", Input).value = "2, x"
+        await pilot.pause()
+        assert check_text(screen) == "✗ fix the options above"
+        assert screen.query_one("#apply").disabled
+        screen.query_one("#option-grid", Input).value = "2, 2"
+        await pilot.pause()
+        assert check_text(screen).startswith("✓")

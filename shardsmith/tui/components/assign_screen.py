@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rich.text import Text
 from textual import on
@@ -242,11 +242,14 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
 
     # -- reading the fields ---------------------------------------------------------------------
 
-    def _read_assignment(self) -> Optional[Assignment]:
-        """Build the assignment from the fields, showing each field's error; None if any is invalid."""
+    def _read_assignment(self) -> Tuple[Optional[Assignment], str]:
+        """Build the assignment from the fields, showing each field's error next to it.
+
+        Returns (the assignment, "") or (None, what is wrong with the options as a whole).
+        """
         strategy = self._shown_strategy
         if strategy is None:
-            return None
+            return None, "no strategy is selected"
         cls = self.registry.get(strategy)
         raw: Dict[str, Any] = {}
         valid = True
@@ -268,14 +271,13 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
                 error.update(str(exc))
                 valid = False
         if not valid:
-            return None
+            return None, "fix the options above"
         try:
             cls.from_options(raw, where=f"strategy '{strategy}'")
         except PlanError as exc:
-            self.query_one("#check", Static).update(Text(f"✗ {exc.message}", style="red"))
-            return None
+            return None, exc.message
         replicas = self.query_one("#replicas", Select).value
-        return Assignment.make(strategy, raw, replicas if isinstance(replicas, str) else "check")
+        return Assignment.make(strategy, raw, replicas if isinstance(replicas, str) else "check"), ""
 
     def _update_targets(self) -> None:
         text = self.query_one("#match", Input).value.strip()
@@ -291,11 +293,10 @@ class AssignScreen(ModalScreen[Optional[AssignRequest]]):
     def _validate(self) -> None:
         check = self.query_one("#check", Static)
         apply = self.query_one("#apply", Button)
-        self.assignment = self._read_assignment()
+        self.assignment, problem = self._read_assignment()
         if self.assignment is None:
             apply.disabled = True
-            if not str(check.render()).startswith("✗"):
-                check.update(Text("✗ fix the options above", style="red"))
+            check.update(Text(f"✗ {problem}", style="red"))
             return
         if not self.targets:
             apply.disabled = True
