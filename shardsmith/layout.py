@@ -164,11 +164,10 @@ class Layout:
         for box in boxes:
             if box.intersect(whole) != box:
                 raise LayoutError(f"a slice box {box} lies outside the full shape {list(self.full_shape)}", param=name)
-        for i, a in enumerate(boxes):
-            for b in boxes[i + 1 :]:
-                overlap = a.intersect(b)
-                if overlap is not None and overlap.size:
-                    raise LayoutError(f"slice boxes {a} and {b} overlap without being copies", param=name)
+        overlapping = _find_overlap(boxes, self.full_shape)
+        if overlapping is not None:
+            a, b = overlapping
+            raise LayoutError(f"slice boxes {a} and {b} overlap without being copies", param=name)
         covered = sum(box.size for box in boxes)
         if covered != math.prod(self.full_shape):
             raise LayoutError(
@@ -220,6 +219,42 @@ class Layout:
                     kept.append(projected)
             pieces.append(tuple(kept))
         return Layout(full, slice_shapes, tuple(pieces), self.description)
+
+
+# Largest grid of cells `_find_overlap` counts in; past it, it compares the boxes pairwise.
+_MAX_COVERAGE_CELLS = 1 << 24
+
+
+def _find_overlap(boxes: Sequence[Box], full_shape: Shape) -> Optional[Tuple[Box, Box]]:
+    """Return two boxes that share an element, or None.
+
+    The box edges cut the tensor into a grid of cells, each inside or outside every box, so
+    counting how many boxes cover each cell finds an overlap in time linear in the cells covered.
+    Comparing every pair instead takes minutes for a parameter split over a few thousand ranks.
+    """
+    edges = []
+    for k, size in enumerate(full_shape):
+        edges.append(sorted({0, size, *(box.start[k] for box in boxes), *(box.stop[k] for box in boxes)}))
+    if math.prod(len(e) - 1 for e in edges) > _MAX_COVERAGE_CELLS:
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                overlap = a.intersect(b)
+                if overlap is not None and overlap.size:
+                    return a, b
+        return None
+
+    import numpy as np
+
+    position = [{edge: i for i, edge in enumerate(e)} for e in edges]
+    counts = np.zeros([len(e) - 1 for e in edges], np.int32)
+    for box in boxes:
+        counts[tuple(slice(position[k][box.start[k]], position[k][box.stop[k]]) for k in range(len(edges)))] += 1
+    if counts.size == 0 or counts.max() <= 1:
+        return None
+    cell = np.unravel_index(int(np.argmax(counts)), counts.shape)
+    point = [edges[k][int(i)] for k, i in enumerate(cell)]
+    holding = [box for box in boxes if all(a <= x < b for a, x, b in zip(box.start, point, box.stop))]
+    return holding[0], holding[1]
 
 
 TensorMapEntry = Union[int, Sequence[int]]

@@ -249,3 +249,30 @@ def test_verify_nan_against_number(tmp_path):
     assert result.exit_code == 1
     assert "largest difference inf at index [1]" in result.stdout
     assert invoke("verify", a, a, "--atol", "0").exit_code == 0
+
+
+def test_coverage_of_thousands_of_slices_is_fast():
+    import time
+
+    from shardsmith.layout import from_tensor_map
+
+    layout = from_tensor_map((8192, 8), (4096,), (0, -1))
+    started = time.monotonic()
+    layout.check_coverage("w")
+    # Comparing every pair of 4096 boxes took 20 s on a 2-core machine; counting cells takes ms.
+    assert time.monotonic() - started < 2
+
+
+def test_overlap_found_among_many_boxes():
+    from shardsmith.errors import LayoutError
+
+    pieces = [(Piece(Box.whole((1, 4)), Box.at((r, 0), (1, 4))),) for r in range(64)]
+    pieces[40] = (Piece(Box.whole((1, 4)), Box.at((41, 0), (1, 4))),)
+    layout = Layout((64, 4), ((1, 4),) * 64, tuple(pieces))
+    # Rank 40 now holds a copy of rank 41's rows, so row 40 is held by nobody.
+    with pytest.raises(LayoutError, match=r"cover 252 of 256"):
+        layout.check_coverage("w")
+    pieces[40] = (Piece(Box.whole((2, 4)), Box.at((40, 0), (2, 4))),)
+    layout = Layout((64, 4), ((1, 4),) * 40 + ((2, 4),) + ((1, 4),) * 23, tuple(pieces))
+    with pytest.raises(LayoutError, match=r"parameter 'w': slice boxes \[40:42, 0:4\] and \[41:42, 0:4\] overlap"):
+        layout.check_coverage("w")
