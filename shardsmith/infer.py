@@ -11,10 +11,10 @@ shape, and so do a row and a column split. The evidence used here is what is rea
   also tell apart layouts that shapes and copies cannot;
 - optimizer-state names, which make a state follow its parameter (`mirror`).
 
-Where the evidence allows several layouts the one SPEC names first is taken: the built-in
-`replicate`, `row`, `column` and `grid` (row-major tiles, model-parallel ranks adjacent) before a
-`tensor_map` that orders the device axes differently. What stays open is reported with the
-layouts that remain, never guessed.
+Where the evidence allows several layouts, the built-in one is taken: `replicate`, `row`,
+`column` and `grid` (row-major tiles, model-parallel ranks adjacent) come before a `tensor_map`
+that orders the device axes differently. What stays open is reported with the layouts that
+remain, never guessed.
 
 The second half writes plans: `compact_rules` turns one assignment per parameter into few
 `[[param]]` rules with globs (`layers.*.attention.wq.weight`), checking every glob against all
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 UNSYNCHRONIZED_BUFFERS = ("moving_mean", "moving_variance")
 
 # Device-axis orders tried per parameter are (split dims + 1)!; past this many split dims only
-# the row-major order is tried, which is the one SPEC prefers anyway.
+# the row-major order is tried, which is the one preferred anyway.
 MAX_PERMUTED_AXES = 4
 
 
@@ -220,9 +220,9 @@ def layout_candidates(
 ) -> List[Candidate]:
     """List the layouts, built-in and `tensor_map`, that cut `full` into slices of `slice_shape`.
 
-    The order is SPEC's preference: the built-in strategy first, then the other orders of the
-    device axes (data-parallel axis and one axis per split dim) as `tensor_map`s. Returns []
-    when the shapes do not fit any layout over `world_size` ranks.
+    The order is the preference: the built-in strategy first, then the other orders of the device
+    axes (data-parallel axis and one axis per split dim) as `tensor_map`s. Returns [] when the
+    shapes do not fit any layout over `world_size` ranks.
     """
     registry = registry or get_registry()
     factors = split_factors(full, slice_shape)
@@ -461,7 +461,7 @@ def _infer_from_full(
     certain = len(pool) == 1
     if len(pool) > 1:
         others = ", ".join(c.summary for c in pool[1:4]) + (", …" if len(pool) > 4 else "")
-        notes.append(f"also fits: {others}; took the first SPEC names")
+        notes.append(f"also fits: {others}; took the built-in, row-major one")
     return Inference(
         name,
         chosen.summary,
