@@ -251,10 +251,10 @@ def test_cli_auto_undecided_fails_and_writes_nothing(network, tmp_path, cli):
     assert "undecided" in result.stdout
 
 
-def test_cli_auto_leave_undecided_replicated(network, tmp_path, cli):
+def test_cli_auto_replicate_undecided(network, tmp_path, cli):
     root, _, _ = network
     plan = tmp_path / "plan.toml"
-    result = cli("plan", root, "--auto", "--leave-undecided-replicated", "-o", plan)
+    result = cli("plan", root, "--auto", "--replicate-undecided", "-o", plan)
     assert result.exit_code == 0, result.output
     loaded = load_plan(plan)
     assert [rule.match for rule in loaded.rules] == ["bias", "bn.moving_mean"]

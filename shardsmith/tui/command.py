@@ -3,7 +3,7 @@
 The command line only parses arguments and calls `plan_command`. Bad input raises a
 ShardsmithError for the command line to print. Everything else is decided here, including the
 exit code: `--auto` returns 1 when some parameter stays undecided, unless
-`--leave-undecided-replicated` is given, and then writes no plan.
+`--replicate-undecided` is given, and then writes no plan.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from ..rankset import Source, open_source
 from .model import shape_text, write_text_atomic
 
 EXIT_UNDECIDED = 1
+
+# The command line's name for `plan_command(leave_undecided_replicated=True)`, for messages.
+REPLICATE_UNDECIDED_OPTION = "--replicate-undecided"
 
 
 def source_label(sources: Sequence[Path]) -> str:
@@ -61,7 +64,7 @@ def plan_command(
             check_target(output, force, directory=False)
     else:
         if json_output or leave_undecided_replicated:
-            option = "--json" if json_output else "--leave-undecided-replicated"
+            option = "--json" if json_output else REPLICATE_UNDECIDED_OPTION
             raise PlanError(f"{option} applies to --auto only")
         if output is not None and not output.parent.exists():
             raise ShardsmithError("the output's parent directory does not exist", path=output.parent)
@@ -192,7 +195,7 @@ def run_auto(
         stderr.print(
             Text(
                 f"Error: cannot decide the layout of {listed}. No plan was written. Give --like FULL.ckpt "
-                "(a single-device checkpoint of the same network), or --leave-undecided-replicated to "
+                f"(a single-device checkpoint of the same network), or {REPLICATE_UNDECIDED_OPTION} to "
                 "replicate them, or assign them in the editor (shardsmith plan without --auto).",
                 style="red",
             )
