@@ -124,19 +124,20 @@ def _print_report(report: Any, json_output: bool) -> None:
         stdout.print_json(json.dumps(data))
         return
     verb = "would write" if report.dry_run else "wrote"
+    noun = "parameter" if report.parameters == 1 else "parameters"
     stdout.print(
-        f"{report.kind}: {verb} {report.parameters} parameters, {decimal(report.total_bytes)} of tensor data, "
+        f"{report.kind}: {verb} {report.parameters} {noun}, {decimal(report.total_bytes)} of tensor data, "
         f"to {report.target}",
         highlight=False,
     )
     if len(report.files) > 1 or report.dry_run:
         table = Table(show_header=True, header_style="bold")
         table.add_column("file")
-        table.add_column("bytes", justify="right")
+        table.add_column("tensor bytes" if report.dry_run else "file bytes", justify="right")
         if not report.dry_run:
             table.add_column("sha256")
         for f in report.files:
-            row = [str(f["path"]), f"{f['bytes']:,}"]
+            row = [str(f["path"]), f"{f.get('bytes', f.get('tensor_bytes', 0)):,}"]
             if not report.dry_run:
                 row.append(str(f.get("sha256", ""))[:16])
             table.add_row(*row)
@@ -149,7 +150,7 @@ def _selection(include: List[str], exclude: List[str], weights_only: bool):
     return Selection(tuple(include), tuple(exclude), weights_only)
 
 
-PATHS = typer.Argument(..., help="A checkpoint file, a rank-set directory (rank_<r>/ subdirectories), or rank files in rank order.")
+PATHS = typer.Argument(..., metavar="PATH...", help="A checkpoint file, a rank-set directory (rank_<r>/ subdirectories), or rank files in rank order.")
 PLAN = typer.Option(..., "--plan", "-p", help="The plan (TOML) the source is laid out by.")
 SELECT = typer.Option(None, "--select", help="Glob that picks one checkpoint per rank directory when it holds several.")
 IN_FORMAT = typer.Option(None, "--input-format", help="Read sources as 'ckpt' or 'safetensors' whatever their suffix.")
@@ -320,7 +321,7 @@ def inspect(
     select: Optional[str] = SELECT,
     input_format: Optional[str] = IN_FORMAT,
     like: Optional[Path] = typer.Option(None, "--like", help="A full checkpoint of the same network, for the full shapes of a rank set."),
-    compare_bytes: bool = typer.Option(False, "--compare-bytes", help="Read the slices to tell replicated parameters by equal bytes (slower)."),
+    compare_bytes: bool = typer.Option(False, "--compare-bytes", help="Read every slice to tell replicated parameters (equal bytes on every rank) from split ones; reads all data."),
 ) -> None:
     """List a checkpoint's parameters, or a rank set's with each rank's slice shape."""
     from rich.filesize import decimal
@@ -342,20 +343,31 @@ def inspect(
     table.add_column("shape")
     if report.is_rank_set:
         table.add_column("slices")
-        table.add_column("layout (inferred)")
-    table.add_column("bytes", justify="right")
+        table.add_column("layout")
+    table.add_column("bytes" if not report.is_rank_set else "all ranks", justify="right")
     total = 0
+    unknown = 0
     for p in report.params:
-        total += p.nbytes
+        size = p.slice_bytes if report.is_rank_set else p.nbytes
+        total += size
         shape = str(list(p.shape)) if p.shape is not None else "?"
-        row = [p.name, p.dtype, shape]
+        unknown += p.shape is None
+        dtype = p.dtype if p.rank_dtypes is None else "[red]" + "/".join(sorted({d or "missing" for d in p.rank_dtypes})) + " (ranks differ)[/]"
+        row = [escape(p.name), dtype, shape]
         if report.is_rank_set:
             row.append(_rank_shapes_text(p.rank_shapes))
             row.append(_layout_text(p.layout, p.layout_certain))
-        row.append(decimal(p.nbytes))
+        row.append(decimal(size))
         table.add_row(*row)
     stdout.print(table)
-    stdout.print(f"total {decimal(total)}", highlight=False)
+    where = "in all rank files" if report.is_rank_set else "of tensor data"
+    stdout.print(f"total {decimal(total)} {where}", highlight=False)
+    if unknown:
+        stdout.print(
+            f"{unknown} full shape(s) shown as ? cannot be told from the slices alone; "
+            "pass --like FULL.ckpt (a single-device checkpoint of the same network) or --compare-bytes",
+            highlight=False,
+        )
 
 
 def _layout_text(layout: Optional[str], certain: Optional[bool]) -> str:
@@ -372,6 +384,10 @@ def _rank_shapes_text(shapes: Optional[List[Any]]) -> str:
     return ", ".join(f"{r}:{list(s) if s is not None else 'missing'}" for r, s in enumerate(shapes))
 
 
+class VerifyUsageError(ShardsmithError):
+    exit_code = 2
+
+
 @app.command()
 @errors_to_exit
 def verify(
@@ -383,10 +399,21 @@ def verify(
     input_format: Optional[str] = IN_FORMAT,
     json_output: bool = JSON_OUT,
 ) -> None:
-    """Compare two checkpoints or rank sets: names, dtypes, shapes and bytes. Exits 1 when they differ."""
+    """Compare two checkpoints or rank sets: names, dtypes, shapes and bytes.
+
+    Exits 0 when they are identical (or within tolerance), 1 when they differ, 2 when they cannot be compared.
+    """
     from .verify import compare
 
-    diffs = compare([a], [b], rtol=rtol, atol=atol, select=select, format=input_format)
+    for option, value in (("--rtol", rtol), ("--atol", atol)):
+        if value is not None and not (value >= 0 and value != float("inf")):
+            raise VerifyUsageError(f"{option} must be a finite number of at least 0, got {value}")
+    try:
+        diffs = compare([a], [b], rtol=rtol, atol=atol, select=select, format=input_format)
+    except ShardsmithError as exc:
+        # 1 means "they differ"; a comparison that could not be made is exit code 2.
+        exc.exit_code = 2
+        raise
     if json_output:
         stdout.print_json(json.dumps({"equal": not diffs, "differences": [d.__dict__ for d in diffs]}))
     elif diffs:
@@ -408,7 +435,7 @@ def plan(
     world_size: Optional[int] = typer.Option(None, "--world-size", "-n", min=1, help="World size to plan a split of a full checkpoint for."),
     auto: bool = typer.Option(False, "--auto", help="Infer the plan without a screen and print how sure each choice is."),
     like: Optional[Path] = typer.Option(None, "--like", help="A full checkpoint of the same network: the full shapes for --auto."),
-    leave_undecided_replicated: bool = typer.Option(False, "--leave-undecided-replicated", help="With --auto, write parameters it cannot decide as replicated instead of failing."),
+    leave_undecided_replicated: bool = typer.Option(False, "--replicate-undecided", help="With --auto, write the parameters it cannot decide as replicated instead of failing."),
     select: Optional[str] = SELECT,
     input_format: Optional[str] = IN_FORMAT,
     json_output: bool = JSON_OUT,

@@ -19,8 +19,10 @@ class ParamReport:
     name: str
     dtype: str
     shape: Optional[Shape]  # the full shape, where it is known
-    nbytes: int  # bytes of the full tensor where known, else rank 0's slice
+    nbytes: int  # bytes of the full tensor where its shape is known, else None in JSON
     rank_shapes: Optional[List[Optional[Shape]]] = None  # one per rank; None where a rank lacks it
+    rank_dtypes: Optional[List[Optional[str]]] = None  # set only when the ranks disagree
+    slice_bytes: int = 0  # bytes all ranks' slices of it take together
     layout: Optional[str] = None
     layout_certain: Optional[bool] = None
     layout_reason: Optional[str] = None
@@ -30,10 +32,13 @@ class ParamReport:
             "name": self.name,
             "dtype": self.dtype,
             "shape": list(self.shape) if self.shape is not None else None,
-            "nbytes": self.nbytes,
+            "nbytes": self.nbytes if self.shape is not None else None,
         }
         if self.rank_shapes is not None:
             data["rank_shapes"] = [list(s) if s is not None else None for s in self.rank_shapes]
+            data["slice_bytes"] = self.slice_bytes
+            if self.rank_dtypes is not None:
+                data["rank_dtypes"] = self.rank_dtypes
             data["layout"] = self.layout
             data["layout_certain"] = self.layout_certain
             data["layout_reason"] = self.layout_reason
@@ -82,12 +87,11 @@ def inspect_paths(
         except ImportError:  # pragma: no cover - infer ships with the package
             infer_layouts = None
         if infer_layouts is not None:
-            inferred = infer_layouts(source, like=like, **({"compare_bytes": True} if compare_bytes else {}))
+            inferred = infer_layouts(source, like=like, check_bytes=compare_bytes)
         for info in source.infos():
-            rank_shapes = [
-                tuple(source.info(info.name, r).shape) if source.info(info.name, r) is not None else None
-                for r in range(source.world_size)
-            ]
+            held = [source.info(info.name, r) for r in range(source.world_size)]
+            rank_shapes = [tuple(h.shape) if h is not None else None for h in held]
+            rank_dtypes = [h.dtype if h is not None else None for h in held]
             guess = inferred.get(info.name)
             full = tuple(guess.full_shape) if guess is not None and getattr(guess, "full_shape", None) is not None else None
             nbytes = info.nbytes
@@ -102,6 +106,8 @@ def inspect_paths(
                     full,
                     nbytes,
                     rank_shapes,
+                    rank_dtypes if len(set(rank_dtypes)) > 1 else None,
+                    sum(h.nbytes for h in held if h is not None),
                     guess.summary if guess is not None else None,
                     guess.certain if guess is not None else None,
                     guess.reason if guess is not None else None,

@@ -132,9 +132,13 @@ def plan_from_dict(data: Mapping[str, Any], *, path: Optional[Path] = None, regi
             raise fail(f"rule {index}: expected a table, got {raw!r}")
         match = raw.get("match")
         where = f"rule {index}" + (f" (match = '{match}')" if isinstance(match, str) else "")
+        if match is None:
+            raise fail(f"{where}: missing field 'match' (a glob on the parameter name)")
         if not isinstance(match, str) or not match:
-            raise fail(f"{where}: field 'match' must be a non-empty string glob")
+            raise fail(f"{where}: field 'match' must be a non-empty string glob, got {match!r}")
         strategy_name = raw.get("strategy")
+        if strategy_name is None:
+            raise fail(f"{where}: missing field 'strategy' (installed: {', '.join(registry.names())})")
         if not isinstance(strategy_name, str):
             raise fail(f"{where}: field 'strategy' must be a strategy name, got {strategy_name!r}")
         replicas = raw.get("replicas", "check")

@@ -12,6 +12,7 @@ comma-separated list loads only those entry-point names.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -84,8 +85,10 @@ class StrategyRegistry:
             return self._strategies[name].cls
         except KeyError:
             installed = ", ".join(sorted(self._strategies))
+            close = difflib.get_close_matches(name, list(self._strategies), n=1)
+            guess = f"; did you mean '{close[0]}'?" if close else ""
             raise PluginError(
-                f"unknown strategy '{name}' (installed: {installed})",
+                f"unknown strategy '{name}' (installed: {installed}){guess}",
                 hint="Install the plugin that provides it, or check SHARDSMITH_PLUGINS",
             ) from None
 

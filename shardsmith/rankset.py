@@ -24,8 +24,47 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
 _RANK_DIR = re.compile(r"^rank_(\d+)$")
 
 
+def natural_key(name: str) -> List[object]:
+    """Sort key that orders numbers by value: net-9_32 before net-10_32."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _checkpoints_in(directory: Path) -> List[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    found = [p for p in directory.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
+    return sorted(found, key=lambda p: natural_key(p.name))
+
+
+def rank_of_path(path: Path) -> Optional[int]:
+    """Return r when a parent directory of `path` is named rank_<r>, else None."""
+    for parent in path.parents:
+        m = _RANK_DIR.match(parent.name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def in_rank_order(files: Sequence[Path]) -> List[Path]:
+    """Order rank files given on the command line by the rank in their rank_<r>/ directory.
+
+    A shell glob such as `rank_*/net.ckpt` lists rank_10 before rank_2, which would put slices in
+    the wrong places; when every file names its rank, that rank decides. Files that do not name
+    a rank are taken in the order given.
+    """
+    ranks = [rank_of_path(Path(f)) for f in files]
+    if len(files) < 2 or any(r is None for r in ranks):
+        return list(files)
+    if sorted(ranks) != list(range(len(files))):
+        listed = ", ".join(f"{f} (rank {r})" for f, r in zip(files, ranks))
+        raise RankSetError(
+            f"the rank files name ranks {sorted(ranks)}, not 0..{len(files) - 1} once each: {listed}",
+            hint="Give every rank's file once, or the rank-set directory",
+        )
+    return [f for _, f in sorted(zip(ranks, files))]
+
+
+def _select_example(name: str) -> str:
+    """Turn the newest checkpoint's name into a glob for every rank: net-10_32.ckpt -> net-10_*.ckpt."""
+    return re.sub(r"_\d+(\.\w+)$", r"_*\1", name)
 
 
 def rank_dirs(directory: Path) -> Dict[int, Path]:
@@ -58,7 +97,7 @@ def pick_checkpoint(directory: Path, select: Optional[str], rank: int) -> Path:
         raise RankSetError(
             f"rank {rank}: {len(candidates)} checkpoints ({names})",
             path=directory,
-            hint="Pick one per rank with --select GLOB, e.g. --select 'net-10_*.ckpt'",
+            hint=f"Pick one per rank with --select GLOB, e.g. --select '{_select_example(candidates[-1].name)}'",
         )
     return candidates[0]
 
@@ -106,7 +145,7 @@ def resolve_paths(paths: Sequence[Path], select: Optional[str] = None) -> List[P
             # Opening a FIFO would block until something writes to it; a device has no end.
             raise RankSetError("is not a regular file", path=p)
         files.append(p)
-    return files
+    return in_rank_order(files)
 
 
 class Source:

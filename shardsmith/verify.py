@@ -51,10 +51,16 @@ def _compare_bytes(a: np.ndarray, b: np.ndarray) -> Optional[str]:
     flat_a = a.reshape(-1).view(unsigned)
     flat_b = b.reshape(-1).view(unsigned)
     differing = 0
+    first = None
     for start in range(0, flat_a.size, _CHUNK_ELEMENTS):
         end = start + _CHUNK_ELEMENTS
-        differing += int(np.count_nonzero(flat_a[start:end] != flat_b[start:end]))
-    return f"bytes differ ({differing} of {a.size} elements)"
+        unequal = flat_a[start:end] != flat_b[start:end]
+        count = int(np.count_nonzero(unequal))
+        if count and first is None:
+            first = start + int(np.argmax(unequal))
+        differing += count
+    index = [int(i) for i in np.unravel_index(first, a.shape)] if a.ndim else []
+    return f"bytes differ ({differing} of {a.size} elements, the first at index {index})"
 
 
 def _compare_values(a: np.ndarray, b: np.ndarray, dtype: str, rtol: float, atol: float) -> Optional[str]:

@@ -143,7 +143,8 @@ def test_several_checkpoints_per_rank_need_select(cli, model, tmp_path):
     out = tmp_path / "merged.ckpt"
     result = cli("merge", model["set"], "--plan", model["plan"], "-o", out)
     assert result.exit_code == 1
-    assert "rank 0: 2 checkpoints (net-10_32.ckpt, net-9_32.ckpt)" in result.stderr
+    assert "rank 0: 2 checkpoints (net-9_32.ckpt, net-10_32.ckpt)" in result.stderr
+    assert "--select 'net-10_*.ckpt'" in result.stderr
     assert "--select" in result.stderr
     result = cli("merge", model["set"], "--plan", model["plan"], "-o", out, "--select", "net-10_*.ckpt")
     assert result.exit_code == 0, result.output
@@ -198,7 +199,7 @@ def test_verify_reports_difference(cli, model, tmp_path):
     changed = save_ms(tmp_path / "changed.ckpt", other)
     result = cli("verify", model["full_path"], changed)
     assert result.exit_code == 1
-    assert "w: bytes differ (1 of 32 elements)" in result.stdout
+    assert "w: bytes differ (1 of 32 elements, the first at index [1, 2])" in result.stdout
     assert cli("verify", model["full_path"], model["full_path"]).exit_code == 0
 
 
@@ -251,3 +252,42 @@ def test_crc_trailer_written_and_read(cli, model, ms):
     assert out.read_bytes()[-17:-10] == b"crc_num"
     loaded = ms.load_checkpoint(str(out), crc_check=True)
     np.testing.assert_array_equal(loaded["w"].asnumpy(), model["full"]["w"])
+
+
+def test_rank_files_from_shell_glob_are_put_in_rank_order(cli, ms, tmp_path):
+    full = np.arange(12 * 2, dtype=np.float32).reshape(12, 2)
+    write_rank_set(tmp_path / "set", [{"w": block} for block in row_blocks(full, 12, 12)])
+    plan = write_plan(tmp_path / "plan.toml", 'world_size = 12\n[[param]]\nmatch = "w"\nstrategy = "row"\n')
+    as_globbed = sorted((tmp_path / "set").glob("rank_*/net.ckpt"))  # rank_0, rank_1, rank_10, rank_11, rank_2, ...
+    assert as_globbed[2].parent.name == "rank_10"
+    result = cli("merge", *as_globbed, "--plan", plan, "-o", tmp_path / "merged.ckpt")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(load_ms(tmp_path / "merged.ckpt")["w"], full)
+
+
+def test_rank_files_naming_a_rank_twice_are_rejected(cli, model):
+    rank0 = model["set"] / "rank_0" / "net.ckpt"
+    files = [rank0, rank0, model["set"] / "rank_2" / "net.ckpt", model["set"] / "rank_3" / "net.ckpt"]
+    result = cli("merge", *files, "--plan", model["plan"], "-o", model["tmp"] / "merged.ckpt")
+    assert result.exit_code == 1
+    assert "name ranks [0, 0, 2, 3], not 0..3 once each" in result.stderr
+
+
+def test_force_never_replaces_a_directory_with_other_files(cli, model):
+    out = model["tmp"] / "models"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = cli("split", model["full_path"], "--plan", model["plan"], "-o", out, "--force")
+    assert result.exit_code == 1
+    assert "output directory holds files shardsmith did not write (notes.txt)" in result.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+    assert cli("split", model["full_path"], "--plan", model["plan"], "-o", model["tmp"] / "split").exit_code == 0
+    result = cli("split", model["full_path"], "--plan", model["plan"], "-o", model["tmp"] / "split", "--force")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("option, value", [("--rtol", "-1"), ("--atol", "nan"), ("--atol", "inf")])
+def test_verify_rejects_bad_tolerance(cli, model, option, value):
+    result = cli("verify", model["full_path"], model["full_path"], option, value)
+    assert result.exit_code == 2
+    assert f"{option} must be a finite number of at least 0, got {float(value)}" in result.stderr

@@ -56,7 +56,7 @@ def test_verify_reports_every_difference(tmp_path):
     assert f"only_b: only in {b}" in lines
     assert "b: Float32 vs Float16" in lines
     assert "s: [3] vs [4]" in lines
-    assert "w: bytes differ (1 of 32 elements)" in lines
+    assert "w: bytes differ (1 of 32 elements, the first at index [3, 1])" in lines
     assert not any(line.startswith("d:") for line in lines)
     assert "5 difference(s)" in result.stderr
 
@@ -102,7 +102,7 @@ def test_verify_rank_sets_per_rank(tmp_path):
     assert result.stdout.startswith("rank 1: w: bytes differ")
     c = save_rank_set(tmp_path / "c", [[("w", "Float32", W)]] * 3)
     result = invoke("verify", a, c)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "cannot compare 2 rank file(s) with 3" in result.stderr
 
 
@@ -239,7 +239,7 @@ def test_verify_tolerance_across_chunks(tmp_path, monkeypatch):
     assert "in 2 of 24 elements" in result.stdout
     assert "largest difference 2 at index [3, 4]" in result.stdout
     result = invoke("verify", a, b)
-    assert "bytes differ (3 of 24 elements)" in result.stdout
+    assert "bytes differ (3 of 24 elements, the first at index [0, 1])" in result.stdout
 
 
 def test_verify_nan_against_number(tmp_path):

@@ -150,7 +150,7 @@ def test_resolve_slices_rejects_disagreeing_slice_shapes():
         ('world_size = 2\n[[param]]\nmatch = "w"\nstrategy = "row"\nparts = "2"\n', r"rule 1 \(match = 'w'\): option 'parts' of strategy 'row': expected an integer, got '2'"),
         ('world_size = 2\n[[param]]\nmatch = "w"\nstrategy = "grid"\n', r"strategy 'grid' needs option 'grid'"),
         ('world_size = 2\n[[param]]\nmatch = "w"\nstrategy = "grid"\ngrid = [2]\n', r"option 'grid' must be two integers"),
-        ('world_size = 2\n[[param]]\nstrategy = "row"\n', r"rule 1: field 'match' must be a non-empty string glob"),
+        ('world_size = 2\n[[param]]\nstrategy = "row"\n', r"rule 1: missing field 'match'"),
         ('world_size = 2\n[[param]]\nmatch = "w"\nstrategy = "row"\nreplicas = "last"\n', r"field 'replicas' must be \"check\" or \"first\""),
         ("world_size = 2\nworldsize = 3\n", "unknown top-level key 'worldsize'"),
         ("world_size = 2\n[mirror]\nprefixes = 3\n", "field 'prefixes' must be a list"),
