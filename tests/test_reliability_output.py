@@ -69,11 +69,12 @@ def test_split_refuses_nonempty_dir_without_force(tmp_path, small_set):
     merged = tmp_path / "merged.ckpt"
     assert invoke("merge", src, "--plan", plan, "-o", merged, "-q").exit_code == 0
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    assert invoke("split", merged, "--plan", plan, "-o", out, "-q", "--include", "b").exit_code == 0
+    before = snapshot([out])
     result = invoke("split", merged, "--plan", plan, "-o", out, "-q")
-    assert result.exit_code == 1 and "output exists" in result.stderr
-    assert listing(out) == ["keep.txt"]
+    assert result.exit_code == 1
+    assert "output exists" in result.stderr
+    assert snapshot([out]) == before
     result = invoke("split", merged, "--plan", plan, "-o", out, "-q", "--force")
     assert result.exit_code == 0, result.output
     assert listing(out) == ["manifest.json", "rank_0", "rank_0/checkpoint_0.ckpt", "rank_1", "rank_1/checkpoint_1.ckpt"]
