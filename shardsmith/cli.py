@@ -89,7 +89,7 @@ def _progress(description: str, enabled: bool = True):
     def warn(message: str) -> None:
         stderr.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
 
-    if not enabled:
+    if not enabled or not stderr.is_terminal:
         return None, Callbacks(warn=warn)
     bar = Progress(
         TextColumn("{task.description}"),

@@ -49,7 +49,7 @@ def detect_format(path: Union[str, os.PathLike], override: Optional[str] = None)
     raise CheckpointFormatError(
         f"cannot tell the checkpoint format from the suffix {suffix or '(none)'!r}",
         path=path,
-        hint="Use a .ckpt or .safetensors file name, or name the format explicitly",
+        hint="Use a .ckpt or .safetensors file name, or pass --format ckpt or --format safetensors",
     )
 
 
