@@ -7,6 +7,7 @@ input; any other exception, a crash, a hang or a memory blow-up is a finding.
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from pathlib import Path
@@ -16,8 +17,17 @@ _SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm",
 
 
 def scratch_path(suffix: str) -> Path:
-    """Return a per-process scratch file name ending in `suffix`."""
-    return Path(_SCRATCH_DIR) / f"shardsmith-fuzz-{os.getpid()}{suffix}"
+    """Return a per-process scratch file name ending in `suffix`, removed when the process exits."""
+    path = Path(_SCRATCH_DIR) / f"shardsmith-fuzz-{os.getpid()}{suffix}"
+    atexit.register(_remove, path)
+    return path
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def write_input(path: Path, data: bytes) -> None:
