@@ -361,12 +361,12 @@ class _Reference:
         self.source.readers[0].release(name)
 
 
-def open_reference(like: Union[Path, str, Source], format: Optional[str] = None) -> Source:
+def open_reference(like: Union[Path, str, Source], format: Optional[str] = None, *, verify_crc: bool = True) -> Source:
     """Open the `--like` checkpoint; it must be one full checkpoint, not a rank set."""
     if isinstance(like, Source):
         reference = like
     else:
-        reference = open_source([Path(like)], format=format)
+        reference = open_source([Path(like)], format=format, verify_crc=verify_crc)
     if reference.world_size != 1:
         path = reference.paths[0].parent.parent
         reference.close()

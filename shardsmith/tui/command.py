@@ -74,7 +74,9 @@ def plan_command(
             )
     existing = load_plan(plan) if plan is not None else None
 
-    source = open_source(sources, select, format)
+    # The editor opens with headers only (a CRC check reads whole files); its background hashing
+    # compares the bytes. --auto reads every byte anyway, and a corrupt file would mislead it.
+    source = open_source(sources, select, format, verify_crc=auto)
     try:
         label = source_label(sources)
         if auto:
@@ -120,7 +122,7 @@ def run_editor(
             )
         if world_size is None and plan is not None:
             world_size = plan.world_size
-    reference = open_reference(like, format) if like is not None else None
+    reference = open_reference(like, format, verify_crc=False) if like is not None else None
     try:
         app = PlanApp(
             source, label=label, world_size=world_size, plan=plan, output=output, force=force, reference=reference
