@@ -7,7 +7,6 @@ input; any other exception, a crash, a hang or a memory blow-up is a finding.
 
 from __future__ import annotations
 
-import atexit
 import os
 import tempfile
 from pathlib import Path
@@ -15,24 +14,26 @@ from pathlib import Path
 # /dev/shm keeps millions of rewrites off the disk; fall back to the temp directory elsewhere.
 _SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
+_scratch_fds = {}
+
 
 def scratch_path(suffix: str) -> Path:
-    """Return a per-process scratch file name ending in `suffix`, removed when the process exits."""
-    path = Path(_SCRATCH_DIR) / f"shardsmith-fuzz-{os.getpid()}{suffix}"
-    atexit.register(_remove, path)
+    """Return a path to a per-process scratch file that nothing else can see.
+
+    libFuzzer ends the process with C's exit(), which skips Python's atexit handlers, so the file
+    is unlinked at once and reached through its descriptor under /proc/self/fd.
+    """
+    fd, name = tempfile.mkstemp(prefix="shardsmith-fuzz-", suffix=suffix, dir=_SCRATCH_DIR)
+    os.unlink(name)
+    path = Path(f"/proc/self/fd/{fd}")
+    _scratch_fds[path] = fd
     return path
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
 def write_input(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
+    fd = _scratch_fds[path]
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
 
 
 def read_every_entry(reader) -> None:
