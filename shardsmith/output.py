@@ -160,21 +160,6 @@ def check_target(target: Path, force: bool, *, directory: bool, inputs: Sequence
                 path=target,
                 hint="Remove those files or choose another output directory",
             )
-    if directory:
-        foreign = sorted(
-            child.name
-            for child in target.iterdir()
-            if not (child.name == MANIFEST_NAME or (child.is_dir() and re.fullmatch(r"rank_\d+", child.name)))
-        )
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (" …" if len(foreign) > 5 else "")
-            raise OutputExistsError(
-                f"output directory holds files shardsmith did not write ({shown}); --force replaces only a "
-                "rank-set directory (rank_<r>/ folders and manifest.json)",
-                path=target,
-                hint="Remove those files or choose another output directory",
-            )
-    if not directory and not (target.is_file() or target.is_symlink()):
         # --force must not turn /dev/null or a FIFO into a checkpoint file.
         raise OutputExistsError("output exists and is not a regular file, so --force does not replace it", path=target)
 
