@@ -160,6 +160,7 @@ def check_target(target: Path, force: bool, *, directory: bool, inputs: Sequence
                 path=target,
                 hint="Remove those files or choose another output directory",
             )
+    if not directory and not (target.is_file() or target.is_symlink()):
         # --force must not turn /dev/null or a FIFO into a checkpoint file.
         raise OutputExistsError("output exists and is not a regular file, so --force does not replace it", path=target)
 
