@@ -28,7 +28,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import itertools
-import logging
 import math
 import re
 from collections import Counter
@@ -46,7 +45,6 @@ from .rankset import Source, open_source
 from .strategies.base import LayoutContext
 from .strategies.mirror import parameter_of
 
-logger = logging.getLogger(__name__)
 
 # Buffers that data-parallel ranks update on their own, so their copies differ (the last name
 # component of nn.BatchNorm's running statistics in MindSpore 2.10).
