@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from .errors import LayoutError
 
 Shape = Tuple[int, ...]
@@ -133,6 +135,19 @@ class Layout:
                     result.append((rank, piece))
         return result
 
+    def _main_boxes(self) -> Tuple[List[Tuple[int, Piece]], np.ndarray, np.ndarray]:
+        """Return main_pieces() with their full boxes' starts and stops as arrays, computed once per layout."""
+        cached = self.__dict__.get("_main_boxes_cache")
+        if cached is None:
+            mains = self.main_pieces()
+            ndim = len(self.full_shape)
+            starts = np.array([p.full.start for _, p in mains], dtype=np.int64).reshape(len(mains), ndim)
+            stops = np.array([p.full.stop for _, p in mains], dtype=np.int64).reshape(len(mains), ndim)
+            cached = (mains, starts, stops)
+            # The dataclass is frozen; the cache is derived data, not a field, so it takes no part in == or hash.
+            object.__setattr__(self, "_main_boxes_cache", cached)
+        return cached
+
     def copies(self) -> List[Tuple[int, Piece, int, Piece]]:
         """Return (main rank, main piece, copy rank, copy piece) for every redundant piece."""
         main: Dict[Box, Tuple[int, Piece]] = {}
@@ -195,9 +210,15 @@ class Layout:
                 f"source full shape {list(self.full_shape)} differs from target full shape {list(target.full_shape)}"
             )
         result = []
-        mains = self.main_pieces()
+        mains, starts, stops = self._main_boxes()
         for tpiece in target.pieces[target_rank]:
-            for srank, spiece in mains:
+            # One vectorized test over all main boxes: a Python loop over every pair is quadratic
+            # in the world size (16 M intersections per parameter for a 4096 -> 4096 reshard).
+            hits = np.all(starts < np.asarray(tpiece.full.stop, dtype=np.int64), axis=1) & np.all(
+                stops > np.asarray(tpiece.full.start, dtype=np.int64), axis=1
+            )
+            for index in np.flatnonzero(hits):
+                srank, spiece = mains[index]
                 overlap = spiece.full.intersect(tpiece.full)
                 if overlap is None or overlap.size == 0:
                     continue
