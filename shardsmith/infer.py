@@ -1008,14 +1008,13 @@ def make_resolver(
 
     `known` seeds layouts computed earlier that still hold, so they are not computed again.
     """
-    # NOTE: built on plan.py's private resolvers, which are the only per-parameter entry point.
-    from .plan import _FullResolver, _SliceResolver
+    from .plan import FullResolver, SliceResolver
 
     registry = registry or get_registry()
     if slice_shapes is not None:
-        resolver = _SliceResolver(plan, names, dtypes, slice_shapes, registry)
+        resolver = SliceResolver(plan, names, dtypes, slice_shapes, registry)
     elif full_shapes is not None:
-        resolver = _FullResolver(plan, names, dtypes, full_shapes, registry)
+        resolver = FullResolver(plan, names, dtypes, full_shapes, registry)
     else:
         raise TypeError("make_resolver needs slice_shapes or full_shapes")
     if known:

@@ -223,8 +223,12 @@ def is_scalar(dtype: str, shape: Shape) -> bool:
     return dtype == "str" or len(shape) == 0
 
 
-class _Resolver:
-    """Resolves parameters lazily, so a state can ask for its parameter's layout in any order."""
+class Resolver:
+    """Resolves parameters lazily, so a state can ask for its parameter's layout in any order.
+
+    `get(name)` returns one parameter's `ParamLayout`; `done` holds what was resolved, and may be
+    seeded with layouts known to hold. Use `FullResolver` or `SliceResolver`.
+    """
 
     def __init__(self, plan: Plan, names: Sequence[str], dtypes: Mapping[str, str], registry: StrategyRegistry):
         self.plan = plan
@@ -278,7 +282,7 @@ class _Resolver:
         raise NotImplementedError
 
 
-class _FullResolver(_Resolver):
+class FullResolver(Resolver):
     def __init__(self, plan, names, dtypes, shapes: Mapping[str, Shape], registry):
         super().__init__(plan, names, dtypes, registry)
         self.shapes = shapes
@@ -291,7 +295,7 @@ class _FullResolver(_Resolver):
         return ParamLayout(name, self.dtypes[name], strategy.name, strategy.summary(), origin, replicas, layout)
 
 
-class _SliceResolver(_Resolver):
+class SliceResolver(Resolver):
     def __init__(self, plan, names, dtypes, slice_shapes: Mapping[str, Sequence[Shape]], registry):
         super().__init__(plan, names, dtypes, registry)
         self.slice_shapes = slice_shapes
@@ -329,7 +333,7 @@ def resolve_full(
     registry: Optional[StrategyRegistry] = None,
 ) -> Dict[str, ParamLayout]:
     """Lay out every parameter of a full checkpoint (`only` limits which are returned)."""
-    resolver = _FullResolver(plan, names, dtypes, shapes, registry or get_registry())
+    resolver = FullResolver(plan, names, dtypes, shapes, registry or get_registry())
     return {n: resolver.get(n) for n in names if only is None or only(n)}
 
 
@@ -343,5 +347,5 @@ def resolve_slices(
     registry: Optional[StrategyRegistry] = None,
 ) -> Dict[str, ParamLayout]:
     """Lay out every parameter of a rank set from the slice shape each rank holds."""
-    resolver = _SliceResolver(plan, names, dtypes, slice_shapes, registry or get_registry())
+    resolver = SliceResolver(plan, names, dtypes, slice_shapes, registry or get_registry())
     return {n: resolver.get(n) for n in names if only is None or only(n)}

@@ -7,6 +7,7 @@ uses `exp_avg_sq_row_`, `exp_avg_sq_col_` and `exp_avg_sq_` without one.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Sequence, Tuple
 
 from ..errors import LayoutError
@@ -50,6 +51,11 @@ ROW_STATE_PREFIXES = ("exp_avg_sq_row_",)
 COLUMN_STATE_PREFIXES = ("exp_avg_sq_col_",)
 
 
+@functools.lru_cache(maxsize=64)
+def _prefixes_with(extra: Tuple[str, ...]) -> Tuple[str, ...]:
+    return tuple(sorted(set(OPTIMIZER_STATE_PREFIXES) | set(extra), key=lambda p: (-len(p), p)))
+
+
 def parameter_of(state_name: str, param_names: Iterable[str], extra_prefixes: Sequence[str] = ()) -> Optional[str]:
     """Return the parameter an optimizer state belongs to, or None when `state_name` is not a state.
 
@@ -58,8 +64,7 @@ def parameter_of(state_name: str, param_names: Iterable[str], extra_prefixes: Se
     `linear.` is never mistaken for one.
     """
     names = param_names if isinstance(param_names, (set, frozenset, dict)) else set(param_names)
-    prefixes = sorted(set(OPTIMIZER_STATE_PREFIXES) | set(extra_prefixes), key=lambda p: (-len(p), p))
-    for prefix in prefixes:
+    for prefix in _prefixes_with(tuple(extra_prefixes)):
         if state_name.startswith(prefix):
             rest = state_name[len(prefix) :]
             if rest and rest != state_name and rest in names:
