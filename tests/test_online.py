@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import pytest
@@ -34,7 +34,6 @@ from conftest import write_plan  # noqa: E402
 from shardsmith import jobs  # noqa: E402
 from shardsmith.engine import Selection  # noqa: E402
 from shardsmith.errors import DistributedError, RankSetError, ShardsmithError  # noqa: E402
-from shardsmith.online import cluster as cluster_module  # noqa: E402
 from shardsmith.online.cluster import Cluster, describe_failures  # noqa: E402
 from shardsmith.online.distributed import distribute, file_layout, share_by_bytes  # noqa: E402
 from shardsmith.online.gather import gather_files, own_rank_file  # noqa: E402

@@ -1,6 +1,6 @@
 """Write the example's full checkpoint and its plan: a two-layer MLP after one Adam step.
 
-OUT/full.ckpt holds the network's weights, Adam's moments and scalars, as
+OUT/full.ckpt contains the network's weights, Adam's moments and scalars, as
 `mindspore.save_checkpoint(optimizer)` writes them. OUT/plan.toml lays them out over
 --world-size ranks the Megatron way: the first layer split by output features (rows of its
 weight and its bias), the second by input features (columns of its weight); the moments follow

@@ -1,9 +1,10 @@
 """The workers of an msrun job as shardsmith's online jobs use them.
 
 Every collective moves raw bytes as int32 words. MindSpore 2.10's CPU AllGather accepts only
-Float32, Float16 and Int32, and it silently narrows Int64 and Float64 to 32 bits (an Int64
-2**40 arrives as 0), so int32 is the one type that carries any bytes unchanged; HCCL on Ascend
-accepts int32 as well. A BFloat16 or Bool tensor therefore never passes through a cast.
+Float32, Float16 and Int32, and it silently narrows Int64 and Float64 to 32 bits: an Int64 2**40
+arrives as 0. So int32 is the one type that carries any bytes unchanged. HCCL on Ascend lists
+int32 among HcclAllGather's data types (CANN documentation), but that path has not been run
+with shardsmith. A BFloat16 or Bool tensor never passes through a cast either way.
 
 Every collective also carries one status word per rank. A rank that has failed joins the next
 collective with its status set instead of leaving, every rank sees the failure in the same
@@ -27,8 +28,8 @@ logger = logging.getLogger(__name__)
 _WORD = 4  # bytes per int32 word
 
 # Bytes one rank sends in one AllGather. On the CPU backend (MindSpore 2.10, 2 workers on one
-# 2-core machine) 4 MiB moved about 40 MB/s per rank, and a 32 MiB AllGather failed once with
-# "CollectiveWait failed" while the same data in 16 MiB pieces went through.
+# 2-core machine) twenty 4 MiB AllGathers moved about 40 MB/s per rank. A 32 MiB and a 64 MiB
+# AllGather each failed once there with "CollectiveWait failed", while ten of 16 MiB went through.
 CHUNK_BYTES = 4 * 1024 * 1024
 
 

@@ -1,7 +1,8 @@
 """Merge, split and reshard with the work divided over the workers of an msrun job.
 
-Every worker opens the whole source (headers only; it reads the pages of the boxes it needs),
-decides the same job as the offline command (`engine.prepare_*`), and writes its share:
+Every worker opens the whole source, reading the headers and then only the pages of the boxes
+it needs. It decides the same job as the offline command (`engine.prepare_*`) and writes its
+share:
 
 - split and reshard: target rank t's file is written by worker `t % workers`, and worker
   `i % workers` checks the copies of the i-th parameter;
@@ -178,14 +179,13 @@ def share_by_bytes(offsets: Sequence[int], end: int, workers: int) -> List[int]:
 class _Worker:
     """One worker's part of a distributed job."""
 
-    def __init__(self, cluster: Cluster, kind: str, job: Job, source: Source, fmt: str, warn: Callable[[str], None]):
+    def __init__(self, cluster: Cluster, job: Job, source: Source, fmt: str, report: Callable[[str], None]):
         self.cluster = cluster
-        self.kind = kind
         self.job = job
         self.source = source
         self.fmt = fmt
         self.warnings: List[str] = []
-        self._warn = warn
+        self.report = report  # prints the warnings of every worker, on rank 0
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -324,12 +324,14 @@ def distribute(
         failure = exc.format()
     try:
         cluster.check(failure)
-        assert source is not None and job is not None and plan_obj is not None
+        assert source is not None
+        assert job is not None
+        assert plan_obj is not None
         manifest = {"command": kind, "sources": [str(p) for p in source.paths], "format": fmt, "parameters": len(job.moves)}
         manifest.update(_plan_record(plan_obj, "plan"))
         if to_plan_obj is not None:
             manifest.update(_plan_record(to_plan_obj, "to_plan"))
-        worker = _Worker(cluster, kind, job, source, fmt, warn)
+        worker = _Worker(cluster, job, source, fmt, warn)
         if directory:
             _run_rank_files(cluster, worker, output, force, prefix, crc_check, manifest)
         else:
@@ -344,7 +346,7 @@ def _report_warnings(cluster: Cluster, worker: _Worker, shared: Sequence[Dict[st
     if cluster.is_root:
         for record in shared:
             for message in record["warnings"]:
-                worker._warn(message)
+                worker.report(message)
 
 
 def _run_rank_files(cluster: Cluster, worker: _Worker, output: Path, force: bool, prefix: str, crc_check: bool, manifest: Dict[str, Any]) -> None:
@@ -356,6 +358,8 @@ def _run_rank_files(cluster: Cluster, worker: _Worker, output: Path, force: bool
             try:
                 out = stack.enter_context(atomic_output(output, directory=True, force=force, inputs=worker.source.paths))
                 # Create every file here so that the manifest lists them in rank order.
+                # NOTE: rank 0 keeps one descriptor per target rank open until the commit, as
+                # the offline commands do, so the target world size is bound by `ulimit -n`.
                 for target in range(worker.job.target_world):
                     out.open(_rank_file(target, prefix, worker.fmt))
                 temp = str(out.temp)

@@ -26,15 +26,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import dtypes as dt
-from ..engine import Job, ParamMove, Selection, _replica_failure, check_replicas, prepare_merge
-from ..errors import DistributedError, RankSetError, ShardsmithError
+from ..engine import Job, ParamMove, Selection, _Arrays, _replica_failure, check_replicas, prepare_merge
+from ..errors import RankSetError, ShardsmithError
 from ..formats import TensorInfo, detect_format, open_checkpoint, open_writer
 from ..jobs import _plan_record
 from ..output import atomic_output, check_target
@@ -42,7 +41,7 @@ from ..plan import Plan, load_plan
 from ..rankset import Source, pick_checkpoint, rank_dirs
 from .cluster import CHUNK_BYTES, Cluster, to_words, words_for
 from .launch import print_warning, run_in_msrun
-from .slices import build_slice
+from .slices import MemoryReader, build_slice
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ class Gatherer:
         digests = self.cluster.all_gather(digest, failure)
         differing = [r for r in range(1, self.cluster.world_size) if not np.array_equal(digests[r], digests[0])]
         if differing:
-            # Every rank holds the same digests, so every rank takes this branch alike.
+            # Every rank has received the same digests, so every rank takes this branch alike.
             holders = f"rank {differing[0]}" if len(differing) == 1 else "ranks " + ", ".join(map(str, differing))
             _replica_failure(
                 move,
@@ -223,10 +222,11 @@ class Gatherer:
         if received is None or self.pending is not None:
             return
         storage = dt.storage_dtype(move.dtype)
-        slices = {
-            rank: received[rank].view(np.uint8)[: nbytes[rank]].view(storage).reshape(move.source.slice_shapes[rank])
-            for rank in range(self.cluster.world_size)
-        }
+        readers = []
+        for rank in range(self.cluster.world_size):
+            content = received[rank].view(np.uint8)[: nbytes[rank]].view(storage)
+            readers.append(MemoryReader(f"<rank {rank}>", {move.name: content.reshape(move.source.slice_shapes[rank])}))
+        slices = _Arrays(readers, move.name)
 
         def full_tensor() -> np.ndarray:
             check_replicas(move, slices, None, self.warn)
@@ -277,7 +277,8 @@ def own_rank_file(sources: Sequence[PathLike], select: Optional[str], rank: int,
 
 
 def _manifest(gatherer: Gatherer, fmt: str) -> Dict[str, Any]:
-    assert gatherer.source is not None and gatherer.job is not None
+    assert gatherer.source is not None
+    assert gatherer.job is not None
     return {
         "command": "gather",
         "sources": [str(p) for p in gatherer.source.paths],
@@ -287,15 +288,22 @@ def _manifest(gatherer: Gatherer, fmt: str) -> Dict[str, Any]:
     }
 
 
-def write_gathered(gatherer: Gatherer, output: Path, fmt: str, force: bool, manifest: Dict[str, Any]) -> None:
-    """Run a prepared gather; rank 0 writes `output` atomically with `manifest`."""
-    assert gatherer.job is not None and gatherer.source is not None
+def write_gathered(
+    gatherer: Gatherer, output: Path, fmt: str, force: bool, manifest: Dict[str, Any], inputs: Sequence[Path] = ()
+) -> None:
+    """Run a prepared gather; rank 0 writes `output` atomically with `manifest`.
+
+    `inputs` are the files rank 0 reads: the output must not be one of them, and rank 0 fails
+    the job if one changes before the output is committed.
+    """
+    assert gatherer.job is not None
+    assert gatherer.source is not None
     with contextlib.ExitStack() as stack:
         writer = None
         out = None
         if gatherer.cluster.is_root and gatherer.pending is None:
             try:
-                out = stack.enter_context(atomic_output(output, directory=False, force=force))
+                out = stack.enter_context(atomic_output(output, directory=False, force=force, inputs=inputs))
                 writer = open_writer(out.open(), gatherer.job.entries(0, gatherer.source), fmt)
             except (ShardsmithError, OSError) as exc:
                 gatherer.pending = describe_exception(exc)
@@ -350,7 +358,7 @@ def gather_files(
             cluster, reader, plan_obj, selection=selection, replicas=replicas, warn=warn, chunk_bytes=chunk_bytes
         )
         job = gatherer.prepare(failure)
-        write_gathered(gatherer, output, fmt, force, _manifest(gatherer, fmt))
+        write_gathered(gatherer, output, fmt, force, _manifest(gatherer, fmt), inputs=[reader.path] if reader else [])
         return job
     finally:
         if reader is not None:
@@ -374,9 +382,9 @@ def run_gather(
     """Run `shardsmith gather` in this msrun process and return its exit code.
 
     In msrun's scheduler process it only serves the cluster. In a worker it reads this rank's
-    file, takes part in the gather, and on rank 0 writes `output`; rank 0 prints a summary on
-    stdout, every rank prints a failure on stderr. `device` is passed to
-    `mindspore.set_device` before `init()` ("CPU", "Ascend"); None keeps MindSpore's default.
+    file and takes part in the gather, and rank 0 writes `output` and prints a summary on
+    stdout. A failure is printed on stderr by every rank. `device` ("CPU", "Ascend") is passed
+    to `mindspore.set_device` before `init()`; None keeps MindSpore's default.
     """
 
     def work(cluster: Cluster) -> None:
@@ -408,9 +416,9 @@ def gather_params(
 ) -> Optional[Dict[str, Any]]:
     """Gather this rank's parameters, already in memory, into full tensors on rank 0.
 
-    `params` is a Cell (its parameters, as `save_checkpoint` names them) or a dict of name ->
-    Tensor or Parameter; an optimizer's states are gathered when its parameters are passed (a
-    Cell's `parameters_dict()` merged with the optimizer's). Call it on every rank, after
+    `params` is a Cell or a dict of name -> Tensor or Parameter. Pass the optimizer to gather
+    the network's weights with their optimizer states: its parameters have the names and order
+    `mindspore.save_checkpoint(optimizer)` writes. Call it on every rank, after
     `mindspore.communication.init()`, with the same plan.
 
     With `output`, rank 0 writes a full checkpoint there (atomically, with a manifest) and every

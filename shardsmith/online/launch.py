@@ -7,9 +7,9 @@ How a failed job ends matters with msrun (checked with MindSpore 2.10 on CPU, 2 
 as soon as one worker exits non-zero, msrun SIGKILLs every other worker. A worker killed before
 it has left the cluster makes the scheduler log "The node: r is timed out" about 30 s later and
 exit non-zero. msrun exits 1 when any worker or the scheduler exits non-zero, 0 only when all
-of them exit 0. So after a failure that every rank knows of (the jobs agree on every failure
-through their collectives, see `cluster`), the other ranks print the error and exit 0, and rank
-0 exits non-zero a moment later, once they have left: msrun then exits 1 without the timeout.
+of them exit 0. The jobs agree on every failure through their collectives (see `cluster`), so every rank learns
+of it at the same point. Then the other ranks print the error and exit 0, and rank 0 exits
+non-zero a moment later, once they have left: msrun exits 1 without the scheduler's timeout.
 An unexpected exception (a bug) is not caught here; that rank exits non-zero at once and msrun
 kills the others, which would otherwise wait in a collective the rank never joins.
 """
@@ -27,7 +27,7 @@ from .cluster import Cluster, msrun_role
 logger = logging.getLogger(__name__)
 
 # Seconds rank 0 waits before exiting after a failed job, so that the other ranks leave first.
-ROOT_EXIT_DELAY = 3.0
+ROOT_EXIT_DELAY = 5.0
 
 
 def print_error(message: str) -> None:
@@ -70,9 +70,9 @@ def _serve_scheduler(device: Optional[str]) -> int:
 def run_in_msrun(command: str, work: Callable[[Cluster], None], *, device: Optional[str] = None) -> int:
     """Run `work` on every msrun worker and return this process's exit code.
 
-    `work` raises ShardsmithError on failure, on every rank together (the jobs agree on every
-    failure). Every rank prints the message; rank 0 returns the error's exit code and the other
-    ranks return 0, so that msrun's exit code is rank 0's (see the module docstring).
+    `work` raises ShardsmithError on failure, on every rank together, because the jobs agree on
+    every failure. Every rank prints the message. Rank 0 returns the error's exit code and the
+    other ranks return 0, so that msrun's exit code is rank 0's (see the module docstring).
     """
     role = msrun_role()
     if role is None:

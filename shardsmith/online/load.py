@@ -3,9 +3,9 @@
 `load_rank_slice` builds the parameters rank r needs under a plan, straight from a full
 checkpoint (as `shardsmith split` would lay them out) or from a rank set of any other size (as
 `shardsmith reshard` would), and returns them ready for `mindspore.load_param_into_net`. The
-decision is the offline job's (`engine.prepare_split` / `prepare_reshard`), and only rank r's
-slice is assembled: each box is sliced out of a memory-mapped source file, so a rank reads the
-pages of its own boxes and the file headers, never the other ranks' data.
+decision is the offline job's (`engine.prepare_split` / `prepare_reshard`), but only rank r's
+slice is assembled. Each box is sliced out of a memory-mapped source file, so a rank reads the
+file headers and the pages of its own boxes, never the other ranks' data.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def open_source_lazily(
 ) -> Source:
     """Open a checkpoint or rank set reading headers only.
 
-    `verify_crc` is a bool for every file, or a function of the file's index that says whether
-    to check that file's CRC (which reads the whole file).
+    `verify_crc` is a bool for every file, or a function of the file's index that returns
+    whether to check that file's CRC, which reads the whole file.
     """
     files = resolve_paths([Path(p) for p in paths], select)
     readers: List[CheckpointReader] = []
@@ -90,9 +90,9 @@ def load_rank_slice(
     """Return rank `rank`'s parameters under `plan`, as name -> mindspore.Parameter.
 
     `source` is a full checkpoint, or a rank set (a directory of `rank_<r>/`, or the files in rank
-    order) laid out by `source_plan`. The result holds every selected entry of the checkpoint,
-    optimizer states and scalars included, each named as in the checkpoint; a `str` entry stays a
-    str, as `mindspore.load_checkpoint` returns it. Pass it to `mindspore.load_param_into_net`
+    order) laid out by `source_plan`. The result contains every selected entry of the checkpoint,
+    optimizer states and scalars included, each named as in the checkpoint. A `str` entry stays
+    a str, as `mindspore.load_checkpoint` returns it. Pass it to `mindspore.load_param_into_net`
     for the network and for the optimizer.
 
     `rank` and `world_size` default to `get_rank()` and `get_group_size()` (after

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Dict
 
 import numpy as np
 
@@ -31,3 +32,27 @@ def build_slice(move: ParamMove, arrays: Any, rank: int) -> np.ndarray:
     for copy in copies:
         buffer[copy.target.slices()] = arrays[copy.source_rank][copy.source.slices()]
     return buffer
+
+
+class MemoryReader:
+    """One rank's gathered slices held in memory, with the content methods of a CheckpointReader.
+
+    `engine._Arrays` reads source slices through these methods, so `engine.check_replicas` runs
+    on gathered slices exactly as on files. There are no pages to map or drop here.
+    """
+
+    def __init__(self, label: str, arrays: Dict[str, np.ndarray]) -> None:
+        self.path = Path(label)
+        self._arrays = arrays
+
+    def array(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def release(self, name: str) -> None:
+        """Nothing to release: the arrays go when the caller drops them."""
+
+    def populate(self, name: str, start: int, stop: int) -> None:
+        """Nothing to read ahead: the bytes are in memory."""
+
+    def release_content(self, name: str, start: int, stop: int) -> None:
+        """Nothing to release: the arrays go when the caller drops them."""

@@ -9,7 +9,7 @@ MindSpore itself uses for each dtype (`mindspore.common.np_dtype.bfloat16`, int8
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping
 
 import numpy as np
 
