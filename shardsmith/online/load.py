@@ -100,7 +100,9 @@ def load_rank_slice(
 
     NOTE: copies that a source rank set holds several times are read once, from the lowest rank
     holding them, and not compared; `shardsmith merge --dry-run` checks them. A file's CRC is
-    checked only with `verify_crc=True`, which reads every source file whole on every rank.
+    checked only with `verify_crc=True`, which reads every source file whole on every rank. A
+    `.ckpt` tensor over 512 MiB is stored in several records, which the reader joins in memory,
+    so every rank reads such a tensor whole.
     """
     plan_obj = _as_plan(plan)
     source_plan_obj = _as_plan(source_plan) if source_plan is not None else None
