@@ -166,6 +166,8 @@ CRC = typer.Option(False, "--crc", help="Append MindSpore's crc_num trailer to e
 PREFIX = typer.Option("checkpoint_", "--prefix", help="File name prefix in each rank_<r>/ directory: <prefix><r>.ckpt.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+DEVICE = typer.Option(None, "--device", help="Under msrun: the device the collectives run on, set with mindspore.set_device before init() (CPU or Ascend). Default: MindSpore's.")
+DISTRIBUTED = typer.Option(False, "--distributed", help="Run under msrun and divide the work over its workers (each worker writes its share); see README.")
 
 
 def _check_replicas_option(value: Optional[str]) -> None:
@@ -192,11 +194,20 @@ def merge(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    distributed: bool = DISTRIBUTED,
+    device: Optional[str] = DEVICE,
 ) -> None:
     """Merge a rank set into one full checkpoint."""
     from . import jobs
 
     _check_replicas_option(replicas)
+    if distributed:
+        _run_distributed(
+            "merge", sources, plan, output, selection=_selection(include, exclude, weights_only), replicas=replicas,
+            select=select, input_format=input_format, output_format=output_format, force=force, crc_check=crc,
+            device=device, refused={"--dry-run": dry_run, "--verify": verify},
+        )
+        return
     bar, callbacks = _progress("merging", not quiet)
     with bar or _nothing():
         report = jobs.merge(
@@ -225,10 +236,19 @@ def split(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    distributed: bool = DISTRIBUTED,
+    device: Optional[str] = DEVICE,
 ) -> None:
     """Split a full checkpoint into a rank set."""
     from . import jobs
 
+    if distributed:
+        _run_distributed(
+            "split", [full], plan, output, selection=_selection(include, exclude, weights_only), prefix=prefix,
+            input_format=input_format, output_format=output_format, force=force, crc_check=crc, device=device,
+            refused={"--dry-run": dry_run, "--verify": verify},
+        )
+        return
     bar, callbacks = _progress("splitting", not quiet)
     with bar or _nothing():
         report = jobs.split(
@@ -260,11 +280,20 @@ def reshard(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    distributed: bool = DISTRIBUTED,
+    device: Optional[str] = DEVICE,
 ) -> None:
     """Move a rank set to another layout or cluster size, without writing the full checkpoint."""
     from . import jobs
 
     _check_replicas_option(replicas)
+    if distributed:
+        _run_distributed(
+            "reshard", sources, plan, output, to_plan=to_plan, selection=_selection(include, exclude, weights_only),
+            replicas=replicas, prefix=prefix, select=select, input_format=input_format, output_format=output_format,
+            force=force, crc_check=crc, device=device, refused={"--dry-run": dry_run, "--verify": verify},
+        )
+        return
     bar, callbacks = _progress("resharding", not quiet)
     with bar or _nothing():
         report = jobs.reshard(
@@ -273,6 +302,17 @@ def reshard(
             dry_run=dry_run, verify=verify, crc_check=crc, progress=callbacks,
         )
     _print_report(report, json_output)
+
+
+def _run_distributed(kind: str, *args: Any, refused: dict, **kwargs: Any) -> None:
+    for option, given in refused.items():
+        if given:
+            raise ShardsmithError(f"{option} is not available with --distributed; run the command without --distributed")
+    from .online.distributed import run_distributed
+
+    code = run_distributed(kind, *args, **kwargs)
+    if code:
+        raise typer.Exit(code)
 
 
 class _nothing:
@@ -467,6 +507,7 @@ def gather(
     input_format: Optional[str] = IN_FORMAT,
     output_format: Optional[str] = OUT_FORMAT,
     force: bool = FORCE,
+    device: Optional[str] = DEVICE,
 ) -> None:
     """Under msrun: each worker reads its own rank's file, AllGathers, rank 0 writes the full checkpoint."""
     from .online.gather import run_gather
@@ -474,7 +515,7 @@ def gather(
     _check_replicas_option(replicas)
     code = run_gather(
         sources, plan, output, select=select, input_format=input_format, output_format=output_format, force=force,
-        selection=_selection(include, exclude, weights_only), replicas=replicas,
+        selection=_selection(include, exclude, weights_only), replicas=replicas, device=device,
     )
     if code:
         raise typer.Exit(code)
