@@ -12,6 +12,7 @@ source pages of a parameter are released once its chunks are written.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -350,6 +351,25 @@ class _Arrays:
         for reader in self.readers:
             reader.release(self.name)
 
+    def span(self, rank: int, box: Box) -> "SourceSpan":
+        """Return the bytes of rank's content from the first to the last element of `box`."""
+        array = self[rank]
+        first = _offset(box.start, array.shape)
+        last = _offset([b - 1 for b in box.stop], array.shape)
+        return SourceSpan(rank, first * array.itemsize, (last + 1) * array.itemsize)
+
+    def release_span(self, span: "SourceSpan") -> None:
+        self.readers[span.rank].release_content(self.name, span.start, span.stop)
+
+
+@dataclass(frozen=True)
+class SourceSpan:
+    """Bytes `[start, stop)` of source rank `rank`'s content of a parameter."""
+
+    rank: int
+    start: int
+    stop: int
+
 
 def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Callable[[str], None]) -> None:
     """Check that the copies a layout says are identical hold identical bytes, by the move's policy."""
@@ -372,6 +392,9 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
         a = arrays[main_rank][main_piece.local.slices()]
         b = arrays[copy_rank][copy_piece.local.slices()]
         if same_bytes(a, b):
+            # Unmap each copy once checked, so that a tensor replicated on many ranks costs two
+            # copies of resident memory, not one per rank.
+            arrays.release_span(arrays.span(copy_rank, copy_piece.local))
             continue
         largest, worst = _largest_difference(a, b, move.dtype)
         message = (
@@ -479,14 +502,15 @@ def _source_box(copy: Copy, target: Box) -> Box:
 
 
 def slice_chunks(
-    move: ParamMove, arrays: "_Arrays", rank: int, copies: Optional[List[Copy]] = None, chunk_bytes: Optional[int] = None
-) -> Iterator[np.ndarray]:
+    move: ParamMove, arrays: _Arrays, rank: int, copies: Optional[List[Copy]] = None, chunk_bytes: Optional[int] = None
+) -> Iterator[Tuple[np.ndarray, Optional[SourceSpan]]]:
     """Yield target `rank`'s slice of `move` in C order, as C-contiguous arrays of about `chunk_bytes`.
 
     A block of the slice made of runs that are contiguous in their source slices is yielded as
     those views of the sources, without a copy (a row split, a replicated tensor, most
-    reshards along dim 0). Any other block is copied into a new buffer from every source box
-    that overlaps it; what no source covers (padding) is zeros.
+    reshards along dim 0), each with the `SourceSpan` it views, whose pages the caller
+    releases once the view is written. Any other block is copied into a new buffer from every
+    source box that overlaps it (the span is None). What no source covers (padding) is zeros.
     """
     if copies is None:
         copies = move.source.copies_into(move.target, rank)
@@ -497,36 +521,32 @@ def slice_chunks(
         for copy in copies:
             overlap = copy.target.intersect(block)
             if overlap is not None and overlap.size:
-                parts.append((copy, overlap))
-        views = _source_runs(parts, arrays, block, shape)
-        if views is not None:
-            yield from views
+                parts.append((copy, _source_box(copy, overlap), overlap))
+        if _tiles_in_order(parts, arrays, block, shape):
+            for copy, source_box, _ in sorted(parts, key=lambda part: _offset(part[2].start, shape)):
+                yield arrays[copy.source_rank][source_box.slices()], arrays.span(copy.source_rank, source_box)
             continue
-        covered = sum(overlap.size for _, overlap in parts)
+        covered = sum(overlap.size for _, _, overlap in parts)
         band = np.empty(block.shape, storage) if covered == block.size else np.zeros(block.shape, storage)
         to_band = [-a for a in block.start]
-        for copy, overlap in parts:
-            band[overlap.shift(to_band).slices()] = arrays[copy.source_rank][_source_box(copy, overlap).slices()]
-        yield band
+        for copy, source_box, overlap in parts:
+            band[overlap.shift(to_band).slices()] = arrays[copy.source_rank][source_box.slices()]
+            arrays.release_span(arrays.span(copy.source_rank, source_box))
+        yield band, None
 
 
-def _source_runs(parts: List[Tuple[Copy, Box]], arrays: "_Arrays", block: Box, shape: Shape) -> Optional[List[np.ndarray]]:
-    """Return source views that make up `block` one after another, or None when it needs a copy.
+def _tiles_in_order(parts: List[Tuple[Copy, Box, Box]], arrays: _Arrays, block: Box, shape: Shape) -> bool:
+    """Tell whether the source boxes of `parts`, in C order, make up `block` with no copy.
 
-    The overlaps are disjoint and inside `block`; when they are contiguous runs of the slice
-    and add up to the block, in C order they tile it exactly.
+    The target boxes are disjoint and inside `block`; when each is a contiguous run of the slice
+    and of its source slice and they add up to the block, in C order they tile it exactly.
     """
-    if sum(overlap.size for _, overlap in parts) != block.size:
-        return None
-    views = []
-    for copy, overlap in sorted(parts, key=lambda part: _offset(part[1].start, shape)):
-        if not _is_contiguous(overlap, shape):
-            return None
-        view = arrays[copy.source_rank][_source_box(copy, overlap).slices()]
-        if not view.flags.c_contiguous:
-            return None
-        views.append(view)
-    return views
+    if sum(overlap.size for _, _, overlap in parts) != block.size:
+        return False
+    for copy, source_box, overlap in parts:
+        if not _is_contiguous(overlap, shape) or not _is_contiguous(source_box, arrays[copy.source_rank].shape):
+            return False
+    return True
 
 
 def as_bytes(array: np.ndarray) -> memoryview:
@@ -536,6 +556,8 @@ def as_bytes(array: np.ndarray) -> memoryview:
 
 # Receives a str for a str entry, otherwise the slice's bytes in C order as an iterator of buffers.
 Writer = Callable[[int, str, Union[str, Iterator[memoryview]]], None]
+# `written(callback, ranks)`: call back once what was written so far for `ranks` (None: all) is written.
+WrittenHook = Callable[[Callable[[], None], Optional[Sequence[int]]], None]
 
 
 def execute(
@@ -543,7 +565,7 @@ def execute(
     source: Source,
     write: Optional[Writer],
     *,
-    written: Optional[Callable[[Callable[[], None]], None]] = None,
+    written: Optional[WrittenHook] = None,
     progress: Optional[Callable[[int], None]] = None,
     warn: Optional[Callable[[str], None]] = None,
     chunk_bytes: Optional[int] = None,
@@ -551,9 +573,9 @@ def execute(
     """Move every parameter of `job`; with `write=None` only validate (a dry run reads the replicas too).
 
     `write(rank, name, value)` gets every target rank's value of each parameter, in order. A
-    writer that queues the chunks instead of writing them at once passes `written`, which must
-    call the callback it is given once everything handed to `write` so far is written: the
-    callback releases the parameter's source pages, which queued views still use.
+    writer that queues the chunks instead of writing them at once passes `written`:
+    `written(callback, ranks)` must call `callback` once everything handed to `write` so far for
+    `ranks` (None for all) is written. The callbacks release source pages that queued views use.
     """
     warn = warn or (lambda message: logger.warning("%s", message))
     for move in job.moves:
@@ -570,14 +592,26 @@ def execute(
             check_replicas(move, arrays, source, warn)
             if write is not None:
                 for rank in range(job.target_world):
-                    chunks = slice_chunks(move, arrays, rank, chunk_bytes=chunk_bytes)
-                    write(rank, move.name, (as_bytes(chunk) for chunk in chunks))
+                    write(rank, move.name, _stream(move, arrays, rank, written, chunk_bytes))
         except BaseException:
             arrays.release()
             raise
         if written is not None and write is not None:
-            written(arrays.release)
+            written(arrays.release, None)
         else:
             arrays.release()
         if progress:
             progress(sum(move.target_nbytes(r) for r in range(job.target_world)))
+
+
+def _stream(move: ParamMove, arrays: _Arrays, rank: int, written: Optional[WrittenHook], chunk_bytes: Optional[int]):
+    """Yield rank's slice as bytes, releasing the source pages of each view once it is written."""
+    for chunk, span in slice_chunks(move, arrays, rank, chunk_bytes=chunk_bytes):
+        yield as_bytes(chunk)
+        if span is None:
+            continue
+        # The writer asks for the next chunk only once it has taken this one.
+        if written is None:
+            arrays.release_span(span)
+        else:
+            written(functools.partial(arrays.release_span, span), [rank])

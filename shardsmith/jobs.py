@@ -3,6 +3,9 @@
 This is the Python API behind the commands: open the sources, decide the job (`engine`), write
 every target file under a temporary name, optionally read it back, write the manifest, and rename
 into place. Nothing here prints; progress and warnings go to the callbacks the caller passes.
+
+All target files are written at once through a `WritePipeline`; `max_inflight` (bytes, default
+`pipeline.DEFAULT_MAX_INFLIGHT`) caps what is queued for writing, and so the memory in flight.
 """
 
 from __future__ import annotations
@@ -77,13 +80,14 @@ def _write_job(
     The writers queue their bytes on a `WritePipeline`, which writes all target files at once.
     """
     writers = []
+    handles = []
     paths = []
     with WritePipeline(max_inflight) as pipeline:
         for rank in range(job.target_world):
             relative = None if not out.directory else _rank_file(rank, prefix, fmt)
-            handle = pipeline.file(out.open(relative))
+            handles.append(pipeline.file(out.open(relative)))
             paths.append(out.temp / relative if relative else out.temp)
-            writers.append(open_writer(handle, job.entries(rank, source), fmt, crc_check=crc_check))
+            writers.append(open_writer(handles[rank], job.entries(rank, source), fmt, crc_check=crc_check))
 
         def write(rank: int, name: str, data: object) -> None:
             if isinstance(data, str):
@@ -95,7 +99,10 @@ def _write_job(
             warnings.append(message)
             progress.warn(message)
 
-        execute(job, source, write, written=pipeline.call_when_written, progress=progress.advance, warn=warn)
+        def written(callback: Callable[[], None], ranks: Optional[Sequence[int]]) -> None:
+            pipeline.call_when_written(callback, None if ranks is None else [handles[r] for r in ranks])
+
+        execute(job, source, write, written=written, progress=progress.advance, warn=warn)
         for writer in writers:
             writer.close()
     return paths
@@ -115,7 +122,8 @@ def verify_written(job: Job, source: Source, paths: Sequence[Path], fmt: str) ->
                     continue
                 arrays = _Arrays(source.readers, move.name)
                 try:
-                    if not _same_content(reader.array(move.name), slice_chunks(move, arrays, rank)):
+                    expected = (chunk for chunk, _ in slice_chunks(move, arrays, rank))
+                    if not _same_content(reader.array(move.name), expected):
                         raise ValidationError("the written bytes differ from the source", path=paths[rank], param=move.name)
                 finally:
                     arrays.release()
@@ -167,7 +175,7 @@ def _finish(
         execute(job, source, None, progress=progress.advance, warn=warn)
         for rank in range(job.target_world):
             name = _rank_file(rank, prefix, fmt) if directory else target.name
-            report.files.append({"path": name, "bytes": sum(m.target_nbytes(rank) for m in job.moves)})
+            report.files.append({"path": name, "tensor_bytes": sum(m.target_nbytes(rank) for m in job.moves)})
         return report
     with atomic_output(target, directory=directory, force=force, inputs=source.paths) as out:
         paths = _write_job(

@@ -23,7 +23,7 @@ from .output import HashingFile
 MIB = 1024 * 1024
 
 # Bytes queued for writing and hashing across all output files, unless the caller sets another cap.
-DEFAULT_MAX_INFLIGHT = 64 * MIB
+DEFAULT_MAX_INFLIGHT = 32 * MIB
 
 
 def default_workers() -> int:

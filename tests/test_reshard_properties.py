@@ -164,7 +164,7 @@ def _expected(case: Case, rank: int, which: int):
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 @given(case=cases())
-def test_reshard_equals_merge_then_split(tmp_path, case):
+def test_reshard_equals_merge_then_split(ms, tmp_path, case):
     default_chunk = engine.CHUNK_BYTES
     with tempfile.TemporaryDirectory(dir=tmp_path) as scratch:
         root = Path(scratch)

@@ -280,6 +280,22 @@ class CheckpointReader:
         if end > start:
             mapping.madvise(advice, start, end - start)
 
+    def release_content(self, name: str, start: int, stop: int) -> None:
+        """Drop the pages that hold bytes ``[start, stop)`` of ``name``'s content, as release() does."""
+        mapping = self._mapping()
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None or not hasattr(mapping, "madvise"):
+            return
+        position = 0  # of the current record's first content byte, in the content
+        for offset, length in self._entry(name).content:
+            first = max(start, position)
+            last = min(stop, position + length)
+            if first < last:
+                begin = offset + first - position
+                begin -= begin % _PAGE_SIZE
+                mapping.madvise(advice, begin, offset + last - position - begin)
+            position += length
+
     def close(self) -> None:
         """Unmap the file. Arrays handed out earlier keep the mapping alive until they go."""
         mapping, self._mmap = self._mmap, None
