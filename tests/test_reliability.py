@@ -212,7 +212,7 @@ def test_dry_run_validates_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["dry_run"] is True
-    assert report["files"] == [{"path": "out.ckpt", "bytes": 16}]
+    assert report["files"] == [{"path": "out.ckpt", "tensor_bytes": 16}]
     assert listing(tmp_path) == before
 
 
