@@ -144,6 +144,13 @@ def _print_report(report: Any, json_output: bool) -> None:
         stdout.print(table)
 
 
+def _cipher(key_file: Optional[Path], enc_mode: Optional[str]):
+    """Return the cipher for encrypted inputs, or None when no key is given (a plain run)."""
+    from .encryption import cipher_from_options
+
+    return cipher_from_options(key_file, enc_mode)
+
+
 def _selection(include: List[str], exclude: List[str], weights_only: bool):
     from .engine import Selection
 
@@ -166,6 +173,8 @@ CRC = typer.Option(False, "--crc", help="Append MindSpore's crc_num trailer to e
 PREFIX = typer.Option("checkpoint_", "--prefix", help="File name prefix in each rank_<r>/ directory: <prefix><r>.ckpt.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+KEY_FILE = typer.Option(None, "--key-file", help="File holding the raw 16, 24 or 32 byte key of inputs MindSpore encrypted (or set SHARDSMITH_KEY to it in hex).")
+ENC_MODE = typer.Option(None, "--enc-mode", help="Cipher of encrypted files: AES-GCM, AES-CBC or SM4-CBC (inputs: detected from the file).")
 DEVICE = typer.Option(None, "--device", help="Under msrun: the device the collectives run on, set with mindspore.set_device before init() (CPU or Ascend). Default: MindSpore's.")
 DISTRIBUTED = typer.Option(False, "--distributed", help="Run under msrun and divide the work over its workers (each worker writes its share); see README.")
 
@@ -194,6 +203,8 @@ def merge(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    key_file: Optional[Path] = KEY_FILE,
+    enc_mode: Optional[str] = ENC_MODE,
     distributed: bool = DISTRIBUTED,
     device: Optional[str] = DEVICE,
 ) -> None:
@@ -213,7 +224,7 @@ def merge(
         report = jobs.merge(
             sources, plan, output, selection=_selection(include, exclude, weights_only), replicas=replicas,
             select=select, input_format=input_format, output_format=output_format, force=force, dry_run=dry_run,
-            verify=verify, crc_check=crc, progress=callbacks,
+            verify=verify, crc_check=crc, progress=callbacks, cipher=_cipher(key_file, enc_mode),
         )
     _print_report(report, json_output)
 
@@ -236,6 +247,8 @@ def split(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    key_file: Optional[Path] = KEY_FILE,
+    enc_mode: Optional[str] = ENC_MODE,
     distributed: bool = DISTRIBUTED,
     device: Optional[str] = DEVICE,
 ) -> None:
@@ -254,7 +267,7 @@ def split(
         report = jobs.split(
             full, plan, output, selection=_selection(include, exclude, weights_only), prefix=prefix,
             input_format=input_format, output_format=output_format, force=force, dry_run=dry_run, verify=verify,
-            crc_check=crc, progress=callbacks,
+            crc_check=crc, progress=callbacks, cipher=_cipher(key_file, enc_mode),
         )
     _print_report(report, json_output)
 
@@ -280,6 +293,8 @@ def reshard(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    key_file: Optional[Path] = KEY_FILE,
+    enc_mode: Optional[str] = ENC_MODE,
     distributed: bool = DISTRIBUTED,
     device: Optional[str] = DEVICE,
 ) -> None:
@@ -299,7 +314,7 @@ def reshard(
         report = jobs.reshard(
             sources, plan, to_plan, output, selection=_selection(include, exclude, weights_only), replicas=replicas,
             prefix=prefix, select=select, input_format=input_format, output_format=output_format, force=force,
-            dry_run=dry_run, verify=verify, crc_check=crc, progress=callbacks,
+            dry_run=dry_run, verify=verify, crc_check=crc, progress=callbacks, cipher=_cipher(key_file, enc_mode),
         )
     _print_report(report, json_output)
 
@@ -362,13 +377,17 @@ def inspect(
     input_format: Optional[str] = IN_FORMAT,
     like: Optional[Path] = typer.Option(None, "--like", help="A full checkpoint of the same network, for the full shapes of a rank set."),
     compare_bytes: bool = typer.Option(False, "--compare-bytes", help="Read every slice to tell replicated parameters (equal bytes on every rank) from split ones; reads all data."),
+    key_file: Optional[Path] = KEY_FILE,
+    enc_mode: Optional[str] = ENC_MODE,
 ) -> None:
     """List a checkpoint's parameters, or a rank set's with each rank's slice shape."""
     from rich.filesize import decimal
 
     from .inspection import inspect_paths
 
-    report = inspect_paths(paths, select=select, format=input_format, like=like, compare_bytes=compare_bytes)
+    report = inspect_paths(
+        paths, select=select, format=input_format, like=like, compare_bytes=compare_bytes, cipher=_cipher(key_file, enc_mode)
+    )
     if json_output:
         stdout.print_json(json.dumps(report.to_json()))
         return
@@ -437,6 +456,8 @@ def verify(
     atol: Optional[float] = typer.Option(None, "--atol", help="Compare values numerically with this absolute tolerance."),
     select: Optional[str] = SELECT,
     input_format: Optional[str] = IN_FORMAT,
+    key_file: Optional[Path] = KEY_FILE,
+    enc_mode: Optional[str] = ENC_MODE,
     json_output: bool = JSON_OUT,
 ) -> None:
     """Compare two checkpoints or rank sets: names, dtypes, shapes and bytes.
@@ -449,7 +470,7 @@ def verify(
         if value is not None and not (value >= 0 and value != float("inf")):
             raise VerifyUsageError(f"{option} must be a finite number of at least 0, got {value}")
     try:
-        diffs = compare([a], [b], rtol=rtol, atol=atol, select=select, format=input_format)
+        diffs = compare([a], [b], rtol=rtol, atol=atol, select=select, format=input_format, cipher=_cipher(key_file, enc_mode))
     except ShardsmithError as exc:
         # 1 means "they differ"; a comparison that could not be made is exit code 2.
         exc.exit_code = 2

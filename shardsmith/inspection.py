@@ -73,9 +73,10 @@ def inspect_paths(
     format: Optional[str] = None,
     like: Optional[Path] = None,
     compare_bytes: bool = False,
+    cipher: Optional[Any] = None,
 ) -> InspectReport:
     """Read the headers of a checkpoint or a rank set and describe every parameter."""
-    with open_source(paths, select, format, verify_crc=False) as source:
+    with open_source(paths, select, format, verify_crc=False, cipher=cipher) as source:
         report = InspectReport(list(source.paths), source.world_size, [r.format for r in source.readers])
         if source.world_size == 1:
             for info in source.infos():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import dtypes as dt
 import numpy as np
@@ -25,6 +25,9 @@ from .output import OutputFiles, atomic_output
 from .pipeline import DEFAULT_MAX_INFLIGHT, WritePipeline
 from .plan import Plan, load_plan
 from .rankset import Source, open_source
+
+if TYPE_CHECKING:
+    from .encryption import Cipher
 
 SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 
@@ -196,8 +199,8 @@ def _finish(
     return report
 
 
-def _open(sources: Sequence[Path], select: Optional[str], format: Optional[str]) -> Source:
-    return open_source([Path(s) for s in sources], select, format)
+def _open(sources: Sequence[Path], select: Optional[str], format: Optional[str], cipher: Optional["Cipher"] = None) -> Source:
+    return open_source([Path(s) for s in sources], select, format, cipher=cipher)
 
 
 def merge(
@@ -215,13 +218,14 @@ def merge(
     verify: bool = False,
     crc_check: bool = False,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    cipher: Optional["Cipher"] = None,
     progress: Progress = Progress(),
 ) -> Report:
     """Merge a rank set into one full checkpoint at `output`."""
     output = Path(output)
     fmt = detect_format(output, output_format)
     plan_obj = load_plan(plan)
-    with _open(sources, select, input_format) as source:
+    with _open(sources, select, input_format, cipher) as source:
         job = prepare_merge(source, plan_obj, selection, replicas)
         return _finish(
             job, source, output, directory=False, fmt=fmt, prefix="", force=force, dry_run=dry_run,
@@ -243,11 +247,12 @@ def split(
     verify: bool = False,
     crc_check: bool = False,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    cipher: Optional["Cipher"] = None,
     progress: Progress = Progress(),
 ) -> Report:
     """Split one full checkpoint into a rank set under `output_dir`."""
     plan_obj = load_plan(plan)
-    with _open([full], None, input_format) as source:
+    with _open([full], None, input_format, cipher) as source:
         fmt = _dir_format(source, output_format)
         job = prepare_split(source, plan_obj, selection)
         return _finish(
@@ -273,12 +278,13 @@ def reshard(
     verify: bool = False,
     crc_check: bool = False,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    cipher: Optional["Cipher"] = None,
     progress: Progress = Progress(),
 ) -> Report:
     """Move a rank set laid out by `plan` to the layout of `to_plan`, without a full checkpoint."""
     plan_obj = load_plan(plan)
     to_plan_obj = load_plan(to_plan)
-    with _open(sources, select, input_format) as source:
+    with _open(sources, select, input_format, cipher) as source:
         fmt = _dir_format(source, output_format)
         job = prepare_reshard(source, plan_obj, to_plan_obj, selection, replicas)
         manifest = {**_plan_record(plan_obj, "plan"), **_plan_record(to_plan_obj, "to_plan")}

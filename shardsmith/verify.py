@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -145,9 +145,10 @@ def compare(
     atol: Optional[float] = None,
     select: Optional[str] = None,
     format: Optional[str] = None,
+    cipher: Optional[Any] = None,
 ) -> List[Difference]:
     """Return every difference between two checkpoints, or two rank sets of the same world size."""
-    with open_source(a, select, format) as sa, open_source(b, select, format) as sb:
+    with open_source(a, select, format, cipher=cipher) as sa, open_source(b, select, format, cipher=cipher) as sb:
         if sa.world_size != sb.world_size:
             raise ShardsmithError(
                 f"cannot compare {sa.world_size} rank file(s) with {sb.world_size}; "
