@@ -291,3 +291,19 @@ def test_verify_rejects_bad_tolerance(cli, model, option, value):
     result = cli("verify", model["full_path"], model["full_path"], option, value)
     assert result.exit_code == 2
     assert f"{option} must be a finite number of at least 0, got {float(value)}" in result.stderr
+
+
+def test_merge_reads_encrypted_rank_set_with_key_file(cli, ms, tmp_path):
+    key = b"0123456789abcdef"
+    (tmp_path / "key.bin").write_bytes(key)
+    full = np.arange(32, dtype=np.float32).reshape(8, 4)
+    for rank, block in enumerate(row_blocks(full, 2, 2)):
+        save_ms(tmp_path / "set" / f"rank_{rank}" / "net.ckpt", {"w": block}, enc_key=key, enc_mode="AES-GCM")
+    plan = write_plan(tmp_path / "plan.toml", 'world_size = 2\n[[param]]\nmatch = "w"\nstrategy = "row"\n')
+    out = tmp_path / "merged.ckpt"
+    result = cli("merge", tmp_path / "set", "--plan", plan, "-o", out)
+    assert result.exit_code == 1
+    assert "the file is encrypted (AES-GCM). Pass --key-file" in result.stderr
+    result = cli("merge", tmp_path / "set", "--plan", plan, "-o", out, "--key-file", tmp_path / "key.bin")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(load_ms(out)["w"], full)
