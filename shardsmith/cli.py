@@ -71,7 +71,7 @@ def errors_to_exit(func: Callable[..., Any]) -> Callable[..., Any]:
         except ShardsmithError as exc:
             if _State.debug:
                 raise
-            stderr.print(f"[bold red]Error:[/] {exc.format()}", highlight=False, markup=True, soft_wrap=True)
+            stderr.print(f"[bold red]Error:[/] {escape(exc.format())}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("[bold red]Interrupted[/]; nothing was written.")
@@ -87,7 +87,7 @@ def _progress(description: str, enabled: bool = True):
     from .jobs import Progress as Callbacks
 
     def warn(message: str) -> None:
-        stderr.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+        stderr.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     if not enabled or not stderr.is_terminal:
         return None, Callbacks(warn=warn)

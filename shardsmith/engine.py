@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -83,6 +84,7 @@ class ParamMove:
     replicas: str
     source_summary: str = ""
     target_summary: str = ""
+    source_origin: str = ""  # why the source layout: "rule 2 (match = 'w*')", "default", "scalar", …
 
     @property
     def full_shape(self) -> Shape:
@@ -247,16 +249,29 @@ def _source_layouts(source: Source, plan: Plan, selection: Selection) -> Tuple[L
     return names, dtypes, layouts
 
 
+def unused_rules(plan: Plan, names: Sequence[str]) -> List[str]:
+    """Return a warning for every plan rule that matches no parameter: usually a typo in `match`."""
+    warnings = []
+    for rule in plan.rules:
+        if not any(rule.matches(n) for n in names):
+            where = f"{plan.path}: " if plan.path else ""
+            warnings.append(f"{where}{rule.describe()} matches no parameter of the checkpoint")
+    return warnings
+
+
 def prepare_merge(source: Source, plan: Plan, selection: Selection = Selection(), replicas: Optional[str] = None) -> Job:
     """Decide a merge of a rank set into one full checkpoint."""
     names, dtypes, layouts = _source_layouts(source, plan, selection)
     moves = [
-        ParamMove(n, dtypes[n], layouts[n].layout, Layout.replicated(layouts[n].full_shape, 1), replicas or layouts[n].replicas, layouts[n].summary, "full")
+        ParamMove(
+            n, dtypes[n], layouts[n].layout, Layout.replicated(layouts[n].full_shape, 1),
+            replicas or layouts[n].replicas, layouts[n].summary, "full", layouts[n].origin,
+        )
         for n in names
     ]
     for move in moves:
         _check_int4(move)
-    return Job("merge", moves, source.world_size, 1)
+    return Job("merge", moves, source.world_size, 1, unused_rules(plan, source.names))
 
 
 def prepare_split(source: Source, plan: Plan, selection: Selection = Selection()) -> Job:
@@ -276,7 +291,7 @@ def prepare_split(source: Source, plan: Plan, selection: Selection = Selection()
     ]
     for move in moves:
         _check_int4(move)
-    return Job("split", moves, 1, plan.world_size)
+    return Job("split", moves, 1, plan.world_size, unused_rules(plan, source.names))
 
 
 def prepare_reshard(source: Source, plan: Plan, to_plan: Plan, selection: Selection = Selection(), replicas: Optional[str] = None) -> Job:
@@ -286,12 +301,18 @@ def prepare_reshard(source: Source, plan: Plan, to_plan: Plan, selection: Select
     all_names = [n for n in source.names if n in shapes]
     targets = resolve_full(to_plan, all_names, dtypes, shapes)
     moves = [
-        ParamMove(n, dtypes[n], layouts[n].layout, targets[n].layout, replicas or layouts[n].replicas, layouts[n].summary, targets[n].summary)
+        ParamMove(
+            n, dtypes[n], layouts[n].layout, targets[n].layout, replicas or layouts[n].replicas,
+            layouts[n].summary, targets[n].summary, layouts[n].origin,
+        )
         for n in names
     ]
     for move in moves:
         _check_int4(move)
-    return Job("reshard", moves, source.world_size, to_plan.world_size)
+    return Job(
+        "reshard", moves, source.world_size, to_plan.world_size,
+        unused_rules(plan, source.names) + unused_rules(to_plan, source.names),
+    )
 
 
 # Bytes compared at once by same_bytes, which bounds its temporary boolean arrays.
@@ -371,12 +392,17 @@ class SourceSpan:
     stop: int
 
 
+# Replicated tensors up to this many elements (global_step, a small norm weight) are reported
+# with every rank's value; larger ones with the largest difference only.
+_SHOWN_VALUES = 4
+
+
 def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Callable[[str], None]) -> None:
     """Check that the copies a layout says are identical hold identical bytes, by the move's policy."""
     copies = move.source.copies()
     if not copies:
         return
-    if move.source.is_replicated and math.prod(move.full_shape) <= 16:
+    if move.source.is_replicated and math.prod(move.full_shape) <= _SHOWN_VALUES:
         # Small replicated values such as global_step: show every rank's value when they differ.
         values = [arrays[r] for r in range(move.source.world_size)]
         differing = [r for r, v in enumerate(values) if not same_bytes(values[0], v)]
@@ -386,7 +412,7 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
                 f"replicated values differ across ranks ({_describe_values(values, move.dtype)}); "
                 f"largest difference {largest:.6g}, between rank 0 and rank {rank}"
             )
-            _replica_failure(move, message, warn)
+            _replica_failure(move, message, warn, source.paths[rank])
         return
     for main_rank, main_piece, copy_rank, copy_piece in copies:
         a = arrays[main_rank][main_piece.local.slices()]
@@ -401,7 +427,7 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
             f"copies that should be identical differ: rank {main_rank} and rank {copy_rank} "
             f"(box {main_piece.full}), largest difference {largest:.6g} at index {list(map(int, worst))}"
         )
-        _replica_failure(move, message, warn)
+        _replica_failure(move, message, warn, source.paths[copy_rank])
         return
 
 
@@ -424,12 +450,24 @@ def _largest_difference(a: np.ndarray, b: np.ndarray, dtype: str) -> Tuple[float
     return float(diff.reshape(-1)[flat]), tuple(int(i) for i in np.unravel_index(flat, diff.shape))
 
 
-def _replica_failure(move: ParamMove, message: str, warn: Callable[[str], None]) -> None:
+def _replica_failure(move: ParamMove, message: str, warn: Callable[[str], None], path: Optional[Path] = None) -> None:
     if move.replicas == "first":
         warn(f"parameter '{move.name}': {message}; keeping the lowest rank's copy (replicas = \"first\")")
         return
+    if move.source_origin == "default":
+        # No rule named it, so "replicated" was our assumption, not the user's: far more often a
+        # split parameter the plan forgot than copies that drifted.
+        raise ValidationError(
+            f"no plan rule matches it, so it is taken as replicated, but {message}",
+            path=path,
+            param=move.name,
+            hint="If it is split, add a rule for it to the plan (`shardsmith plan SRC --auto --like FULL.ckpt` "
+            "infers one); if it is an optimizer state under a prefix of your own, add the prefix to "
+            "[mirror] prefixes; if its copies legitimately drift, give it a rule with replicas = \"first\"",
+        )
     raise ValidationError(
         message,
+        path=path,
         param=move.name,
         hint='Set replicas = "first" on its plan rule (or --replicas first) to keep the lowest rank\'s copy',
     )

@@ -165,6 +165,9 @@ def _finish(
     manifest: Dict[str, object],
 ) -> Report:
     report = Report(job.kind, dry_run, target, len(job.moves), total_bytes=job.total_bytes())
+    for message in job.warnings:
+        report.warnings.append(message)
+        progress.warn(message)
     progress.start(report.total_bytes)
     if dry_run:
         from .output import check_target

@@ -293,7 +293,7 @@ def test_split_then_merge_safetensors(tmp_path):
 def test_zero_dim_scalar_differs_lists_values(tmp_path):
     src = save_rank_set(tmp_path / "src", [[("learning_rate", "Float32", np.array(0.01, np.float32))],
                                            [("learning_rate", "Float32", np.array(0.02, np.float32))]])
-    result = invoke("merge", src, "--plan", write_plan(tmp_path / "plan.toml", 2, ROW_W), "-o", tmp_path / "out.ckpt", "-q")
+    result = invoke("merge", src, "--plan", write_plan(tmp_path / "plan.toml", 2, ""), "-o", tmp_path / "out.ckpt", "-q")
     assert_failed_cleanly(result, tmp_path, "'learning_rate'", "rank 0: 0.01", "rank 1: 0.02")
 
 
