@@ -25,7 +25,8 @@ from . import dtypes as dt
 from .errors import LayoutError, RankSetError, ShardsmithError, ValidationError
 from .formats import CheckpointReader, TensorInfo
 from .layout import Box, Copy, Layout, Shape
-from .plan import ParamLayout, Plan, is_scalar, resolve_full, resolve_slices
+from .plan import ParamLayout, Plan, SliceResolver, is_scalar, resolve_full, resolve_slices
+from .plugins import get_registry
 from .rankset import Source
 from .strategies.mirror import parameter_of
 
@@ -240,13 +241,37 @@ def _check_int4(move: ParamMove) -> None:
                     )
 
 
-def _source_layouts(source: Source, plan: Plan, selection: Selection) -> Tuple[List[str], Dict[str, str], Dict[str, ParamLayout]]:
+def _source_resolver(source: Source, plan: Plan, selection: Selection) -> Tuple[List[str], Dict[str, str], SliceResolver]:
     names = _selected_names(source, plan, selection)
     dtypes = {n: source.info(n).dtype for n in source.names}
     _check_world_size(source, plan, names, dtypes)
     dtypes = _check_rank_consistency(source, names, selection, plan)
-    layouts = resolve_slices(plan, source.names, dtypes, _LazyShapes(source), only=set(names).__contains__)
-    return names, dtypes, layouts
+    return names, dtypes, SliceResolver(plan, source.names, dtypes, _LazyShapes(source), get_registry())
+
+
+def _source_layouts(source: Source, plan: Plan, selection: Selection) -> Tuple[List[str], Dict[str, str], Dict[str, ParamLayout]]:
+    names, dtypes, resolver = _source_resolver(source, plan, selection)
+    return names, dtypes, {n: resolver.get(n) for n in names}
+
+
+class _LazyFullShapes(Mapping):
+    """Full shapes of a rank set's parameters, each resolved through the source plan when first asked.
+
+    A target plan may lay out a selected optimizer state by a parameter the selection left out
+    (`--include 'moments.*'`): that parameter's full shape must still be known.
+    """
+
+    def __init__(self, resolver: SliceResolver) -> None:
+        self.resolver = resolver
+
+    def __getitem__(self, name: str) -> Shape:
+        return self.resolver.get(name).full_shape
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.resolver.names)
+
+    def __len__(self) -> int:
+        return len(self.resolver.names)
 
 
 def unused_rules(plan: Plan, names: Sequence[str]) -> List[str]:
@@ -296,10 +321,9 @@ def prepare_split(source: Source, plan: Plan, selection: Selection = Selection()
 
 def prepare_reshard(source: Source, plan: Plan, to_plan: Plan, selection: Selection = Selection(), replicas: Optional[str] = None) -> Job:
     """Decide a move from one rank set to another without writing the full checkpoint."""
-    names, dtypes, layouts = _source_layouts(source, plan, selection)
-    shapes = {n: layouts[n].full_shape for n in names}
-    all_names = [n for n in source.names if n in shapes]
-    targets = resolve_full(to_plan, all_names, dtypes, shapes)
+    names, dtypes, resolver = _source_resolver(source, plan, selection)
+    layouts = {n: resolver.get(n) for n in names}
+    targets = resolve_full(to_plan, source.names, dtypes, _LazyFullShapes(resolver), only=set(names).__contains__)
     moves = [
         ParamMove(
             n, dtypes[n], layouts[n].layout, targets[n].layout, replicas or layouts[n].replicas,

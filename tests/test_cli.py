@@ -307,3 +307,13 @@ def test_merge_reads_encrypted_rank_set_with_key_file(cli, ms, tmp_path):
     result = cli("merge", tmp_path / "set", "--plan", plan, "-o", out, "--key-file", tmp_path / "key.bin")
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(load_ms(out)["w"], full)
+
+
+@pytest.mark.parametrize("selection", [["--include", "moments.*"], ["--exclude", "w"]])
+def test_reshard_of_selected_state_keeps_its_parameters_layout(cli, model, selection):
+    out = model["tmp"] / "out"
+    result = cli("reshard", model["set"], "--plan", model["plan"], "--to-plan", model["plan"], "-o", out, *selection)
+    assert result.exit_code == 0, result.output
+    for rank in range(4):
+        written = out / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"
+        np.testing.assert_array_equal(load_ms(written)["moments.w"], model["full"]["moments.w"][2 * rank : 2 * rank + 2])

@@ -177,9 +177,16 @@ def test_dumps_plan_round_trips():
 def test_parameter_of_uses_known_prefixes_and_existing_names():
     names = {"w", "fc.weight", "b"}
     assert parameter_of("moments.w", names) == "w"
-    assert parameter_of("moment.w", names) == "w"
+    assert parameter_of("moment.w", names | {"mean_square.w"}) == "w"
     assert parameter_of("exp_avg_sq_row_fc.weight", names) == "fc.weight"
     assert parameter_of("exp_avg_sq_b", names) == "b"
     assert parameter_of("global_step", names) is None
     assert parameter_of("moments.unknown", names) is None
     assert OPTIMIZER_STATE_PREFIXES.index("moments.") < OPTIMIZER_STATE_PREFIXES.index("moment.")
+
+
+def test_module_named_like_a_state_prefix_is_not_a_state():
+    # An nn.Dense attribute called `linear` saves linear.weight next to a top-level `weight`.
+    names = {"weight", "linear.weight", "linear.bias"}
+    assert parameter_of("linear.weight", names) is None
+    assert parameter_of("linear.weight", names | {"moments.weight"}) == "weight"

@@ -47,6 +47,15 @@ _KNOWN_PREFIXES = {
 }
 OPTIMIZER_STATE_PREFIXES: Tuple[str, ...] = tuple(sorted(_KNOWN_PREFIXES, key=lambda p: (-len(p), p)))
 
+# Prefixes that are also common module names. Their optimizers always save a second state next to
+# them, so a name counts as such a state only when that twin is in the checkpoint too.
+COMPANION_PREFIXES = {
+    "linear.": "moments.",  # FTRL: moments. and linear.
+    "moment.": "mean_square.",  # RMSProp: mean_square. and moment.
+    "stat.": "accum.",  # SGD with momentum: accum. and stat.
+    "prev.": "step_size.",  # Rprop: prev. and step_size.
+}
+
 ROW_STATE_PREFIXES = ("exp_avg_sq_row_",)
 COLUMN_STATE_PREFIXES = ("exp_avg_sq_col_",)
 
@@ -67,8 +76,14 @@ def parameter_of(state_name: str, param_names: Iterable[str], extra_prefixes: Se
     for prefix in _prefixes_with(tuple(extra_prefixes)):
         if state_name.startswith(prefix):
             rest = state_name[len(prefix) :]
-            if rest and rest != state_name and rest in names:
-                return rest
+            if not rest or rest == state_name or rest not in names:
+                continue
+            companion = COMPANION_PREFIXES.get(prefix)
+            if companion is not None and companion + rest not in names:
+                # `linear.weight` next to `weight` is far more often an nn.Dense called `linear`
+                # than FTRL's state, which never comes without its `moments.` twin.
+                continue
+            return rest
     return None
 
 
