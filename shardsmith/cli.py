@@ -55,10 +55,24 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     _State.debug = debug
+    _raise_open_file_limit()
     from rich.logging import RichHandler
 
     handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+
+
+def _raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: a rank set of 1024 ranks opens more files
+    than the usual soft limit of 1024 (one per rank, and one more per memory map)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not on this platform, or not allowed: keep the limit
+        pass
 
 
 def errors_to_exit(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -129,6 +143,7 @@ def _print_report(report: Any, json_output: bool) -> None:
         f"{report.kind}: {verb} {report.parameters} {noun}, {decimal(report.total_bytes)} of tensor data, "
         f"to {report.target}",
         highlight=False,
+        markup=False,
     )
     if len(report.files) > 1 or report.dry_run:
         table = Table(show_header=True, header_style="bold")
@@ -137,7 +152,7 @@ def _print_report(report: Any, json_output: bool) -> None:
         if not report.dry_run:
             table.add_column("sha256")
         for f in report.files:
-            row = [str(f["path"]), f"{f.get('bytes', f.get('tensor_bytes', 0)):,}"]
+            row = [escape(str(f["path"])), f"{f.get('bytes', f.get('tensor_bytes', 0)):,}"]
             if not report.dry_run:
                 row.append(str(f.get("sha256", ""))[:16])
             table.add_row(*row)
@@ -239,6 +254,7 @@ def split(
     exclude: List[str] = EXCLUDE,
     weights_only: bool = WEIGHTS_ONLY,
     prefix: str = PREFIX,
+    select: Optional[str] = SELECT,
     input_format: Optional[str] = IN_FORMAT,
     output_format: Optional[str] = OUT_FORMAT,
     force: bool = FORCE,
@@ -265,7 +281,7 @@ def split(
     bar, callbacks = _progress("splitting", not quiet)
     with bar or _nothing():
         report = jobs.split(
-            full, plan, output, selection=_selection(include, exclude, weights_only), prefix=prefix,
+            full, plan, output, selection=_selection(include, exclude, weights_only), prefix=prefix, select=select,
             input_format=input_format, output_format=output_format, force=force, dry_run=dry_run, verify=verify,
             crc_check=crc, progress=callbacks, cipher=_cipher(key_file, enc_mode),
         )
@@ -479,10 +495,10 @@ def verify(
         stdout.print_json(json.dumps({"equal": not diffs, "differences": [d.__dict__ for d in diffs]}))
     elif diffs:
         for d in diffs:
-            stdout.print(str(d), highlight=False, soft_wrap=True)
-        stderr.print(f"[bold red]{len(diffs)} difference(s)[/] between {a} and {b}", highlight=False)
+            stdout.print(str(d), highlight=False, soft_wrap=True, markup=False)
+        stderr.print(f"[bold red]{len(diffs)} difference(s)[/] between {escape(str(a))} and {escape(str(b))}", highlight=False)
     else:
-        stdout.print(f"{a} and {b} are identical" + (" within tolerance" if rtol or atol else ""), highlight=False)
+        stdout.print(f"{a} and {b} are identical" + (" within tolerance" if rtol or atol else ""), highlight=False, markup=False)
     if diffs:
         raise typer.Exit(1)
 
@@ -594,7 +610,7 @@ def strategy_import(
     from .strategy_file import import_to_toml
 
     plan_obj = import_to_toml(strategy_file, output, world_size=world_size, force=force)
-    stdout.print(f"wrote {output}: world_size {plan_obj.world_size}, {len(plan_obj.rules)} rules", highlight=False)
+    stdout.print(f"wrote {output}: world_size {plan_obj.world_size}, {len(plan_obj.rules)} rules", highlight=False, markup=False)
 
 
 @strategy_app.command("export")
@@ -615,7 +631,7 @@ def strategy_export(
     count = export_strategy_file(
         load_plan(plan), sources, output, select=select, input_format=input_format, only_split=only_split, force=force
     )
-    stdout.print(f"wrote {output}: {count} parameters", highlight=False)
+    stdout.print(f"wrote {output}: {count} parameters", highlight=False, markup=False)
 
 
 def _default_text(option: dict) -> str:

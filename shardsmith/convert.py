@@ -22,7 +22,7 @@ from . import encryption
 from .engine import same_bytes
 from .errors import CheckpointFormatError, ShardsmithError, ValidationError
 from .formats import FORMATS, CheckpointReader, TensorInfo
-from .jobs import SUFFIXES, Progress, Report
+from .jobs import SUFFIXES, Progress, Report, check_crc_format
 from .output import OutputFiles, atomic_output, check_target
 from .rankset import rank_dirs, resolve_paths
 
@@ -133,6 +133,7 @@ def convert(
     if encrypt and fmt != "ckpt":
         raise ShardsmithError("only .ckpt checkpoints can be encrypted; MindSpore 2.10 rejects enc_key for safetensors")
     write_cipher = cipher if encrypt else None
+    check_crc_format(fmt, crc_check)
 
     tasks = _plan_files(sources, select, fmt)
     directory = tasks[0].relative is not None

@@ -11,15 +11,17 @@ All target files are written at once through a `WritePipeline`; `max_inflight` (
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
-from . import dtypes as dt
 import numpy as np
 
+from . import dtypes as dt
+
 from .engine import Job, Selection, _Arrays, as_bytes, execute, prepare_merge, prepare_reshard, prepare_split, slice_chunks
-from .errors import ShardsmithError, ValidationError
+from .errors import LayoutError, PlanError, ShardsmithError, ValidationError
 from .formats import FORMATS, detect_format, open_checkpoint, open_writer
 from .output import OutputFiles, atomic_output
 from .pipeline import DEFAULT_MAX_INFLIGHT, WritePipeline
@@ -163,7 +165,9 @@ def _finish(
     max_inflight: int,
     progress: Progress,
     manifest: Dict[str, object],
+    inputs: Sequence[Path] = (),
 ) -> Report:
+    inputs = [*source.paths, *(Path(p) for p in inputs)]
     report = Report(job.kind, dry_run, target, len(job.moves), total_bytes=job.total_bytes())
     for message in job.warnings:
         report.warnings.append(message)
@@ -172,7 +176,10 @@ def _finish(
     if dry_run:
         from .output import check_target
 
-        check_target(target, force, directory=directory, inputs=source.paths)
+        check_target(target, force, directory=directory, inputs=inputs)
+        for rank in range(job.target_world):
+            # Opening a writer checks what the format can hold (a str entry in safetensors) before any byte is written.
+            open_writer(_NullFile(), job.entries(rank, source), fmt, crc_check=crc_check)
 
         def warn(message: str) -> None:
             report.warnings.append(message)
@@ -183,7 +190,7 @@ def _finish(
             name = _rank_file(rank, prefix, fmt) if directory else target.name
             report.files.append({"path": name, "tensor_bytes": sum(m.target_nbytes(rank) for m in job.moves)})
         return report
-    with atomic_output(target, directory=directory, force=force, inputs=source.paths) as out:
+    with atomic_output(target, directory=directory, force=force, inputs=inputs) as out:
         paths = _write_job(
             job, source, out, fmt, prefix=prefix, crc_check=crc_check, max_inflight=max_inflight, progress=progress,
             warnings=report.warnings,
@@ -228,11 +235,14 @@ def merge(
     output = Path(output)
     fmt = detect_format(output, output_format)
     plan_obj = load_plan(plan)
+    check_crc_format(fmt, crc_check)
     with _open(sources, select, input_format, cipher) as source:
-        job = prepare_merge(source, plan_obj, selection, replicas)
+        with _blame_plan(plan_obj):
+            job = prepare_merge(source, plan_obj, selection, replicas)
         return _finish(
             job, source, output, directory=False, fmt=fmt, prefix="", force=force, dry_run=dry_run,
             verify=verify, crc_check=crc_check, max_inflight=max_inflight, progress=progress, manifest=_plan_record(plan_obj, "plan"),
+            inputs=[plan],
         )
 
 
@@ -243,6 +253,7 @@ def split(
     *,
     selection: Selection = Selection(),
     prefix: str = "checkpoint_",
+    select: Optional[str] = None,
     input_format: Optional[str] = None,
     output_format: Optional[str] = None,
     force: bool = False,
@@ -254,13 +265,17 @@ def split(
     progress: Progress = Progress(),
 ) -> Report:
     """Split one full checkpoint into a rank set under `output_dir`."""
+    check_prefix(prefix)
     plan_obj = load_plan(plan)
-    with _open([full], None, input_format, cipher) as source:
+    with _open([full], select, input_format, cipher) as source:
         fmt = _dir_format(source, output_format)
-        job = prepare_split(source, plan_obj, selection)
+        check_crc_format(fmt, crc_check)
+        with _blame_plan(plan_obj):
+            job = prepare_split(source, plan_obj, selection)
         return _finish(
             job, source, Path(output_dir), directory=True, fmt=fmt, prefix=prefix, force=force, dry_run=dry_run,
             verify=verify, crc_check=crc_check, max_inflight=max_inflight, progress=progress, manifest=_plan_record(plan_obj, "plan"),
+            inputs=[plan],
         )
 
 
@@ -285,16 +300,64 @@ def reshard(
     progress: Progress = Progress(),
 ) -> Report:
     """Move a rank set laid out by `plan` to the layout of `to_plan`, without a full checkpoint."""
+    check_prefix(prefix)
     plan_obj = load_plan(plan)
     to_plan_obj = load_plan(to_plan)
     with _open(sources, select, input_format, cipher) as source:
         fmt = _dir_format(source, output_format)
-        job = prepare_reshard(source, plan_obj, to_plan_obj, selection, replicas)
+        check_crc_format(fmt, crc_check)
+        with _blame_plan(plan_obj):
+            job = prepare_reshard(source, plan_obj, to_plan_obj, selection, replicas)
         manifest = {**_plan_record(plan_obj, "plan"), **_plan_record(to_plan_obj, "to_plan")}
         return _finish(
             job, source, Path(output_dir), directory=True, fmt=fmt, prefix=prefix, force=force, dry_run=dry_run,
             verify=verify, crc_check=crc_check, max_inflight=max_inflight, progress=progress, manifest=manifest,
+            inputs=[plan, to_plan],
         )
+
+
+def check_prefix(prefix: str) -> None:
+    """Reject a --prefix that would put rank files outside their rank_<r>/ directory."""
+    if "/" in prefix or "\\" in prefix or prefix.startswith(".") or "\0" in prefix:
+        raise ShardsmithError(
+            f"--prefix '{prefix}' must be a plain file-name prefix (no '/', '\\', or leading '.'): "
+            "rank r's file is rank_<r>/<prefix><r>.ckpt"
+        )
+
+
+def check_crc_format(fmt: str, crc_check: bool) -> None:
+    if crc_check and fmt != "ckpt":
+        raise ShardsmithError(
+            "--crc is available for .ckpt output only: a safetensors CRC sits in the header, which would mean "
+            "writing every file twice; write .ckpt with --crc, or safetensors without it"
+        )
+
+
+@contextmanager
+def _blame_plan(plan: Plan) -> Iterator[None]:
+    """Name the plan file in a layout error that names no file: the plan is what does not fit."""
+    try:
+        yield
+    except (LayoutError, PlanError, ValidationError) as exc:
+        if exc.path is None and plan.path is not None:
+            exc.path = plan.path
+        raise
+
+
+class _NullFile:
+    """A sink for the writers a dry run opens only to have them check their entries."""
+
+    def write(self, data: object) -> int:
+        return len(memoryview(data).cast("B")) if not isinstance(data, (bytes, bytearray)) else len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return 0
 
 
 def _dir_format(source: Source, override: Optional[str]) -> str:

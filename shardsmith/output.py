@@ -119,6 +119,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _not_written_by_shardsmith(directory: Path) -> List[str]:
+    """Return the files under `directory` that its shardsmith manifest does not list (all, without one).
+
+    Empty rank_<r>/ folders count as ours: they are what an interrupted rank set leaves.
+    """
+    listed = set()
+    manifest = directory / MANIFEST_NAME
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        if str(data.get("tool", "")).startswith("shardsmith"):
+            listed = {str(f["path"]) for f in data.get("files", []) if isinstance(f, dict) and "path" in f}
+            listed.add(MANIFEST_NAME)
+    except (OSError, ValueError, AttributeError, TypeError):
+        listed = set()
+    foreign = []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not re.fullmatch(r"rank_\d+", relative) and not any(p.startswith(relative + "/") for p in listed):
+                if not any(path.iterdir()):
+                    foreign.append(relative + "/")
+            continue
+        if relative not in listed:
+            foreign.append(relative)
+    return foreign
+
+
 def check_target(target: Path, force: bool, *, directory: bool, inputs: Sequence[Path] = ()) -> None:
     """Raise unless `target` may be written: it does not exist, is an empty directory, or --force.
 
@@ -135,6 +162,12 @@ def check_target(target: Path, force: bool, *, directory: bool, inputs: Sequence
                 path=target,
                 hint="Write the output somewhere else",
             )
+    if not directory and not force:
+        manifest = manifest_path_for(target)
+        if manifest.exists():
+            raise OutputExistsError(
+                f"the manifest beside the output, {manifest.name}, exists", path=manifest, hint="Pass --force to replace it"
+            )
     if not target.exists() and not target.is_symlink():
         if not target.parent.exists():
             raise ShardsmithError("the output's parent directory does not exist", path=target.parent)
@@ -147,16 +180,12 @@ def check_target(target: Path, force: bool, *, directory: bool, inputs: Sequence
         kind = "a directory" if target.is_dir() else "a file"
         raise OutputExistsError(f"output exists and is {kind}; remove it first", path=target)
     if directory:
-        foreign = sorted(
-            child.name
-            for child in target.iterdir()
-            if not (child.name == MANIFEST_NAME or (child.is_dir() and re.fullmatch(r"rank_\d+", child.name)))
-        )
+        foreign = _not_written_by_shardsmith(target)
         if foreign:
             shown = ", ".join(foreign[:5]) + (" …" if len(foreign) > 5 else "")
             raise OutputExistsError(
-                f"output directory holds files shardsmith did not write ({shown}); --force replaces only a "
-                "rank-set directory (rank_<r>/ folders and manifest.json)",
+                f"output directory holds files its shardsmith manifest does not list ({shown}); --force replaces "
+                "only a rank set shardsmith wrote, so that no other run's checkpoints or logs are deleted",
                 path=target,
                 hint="Remove those files or choose another output directory",
             )

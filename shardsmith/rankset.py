@@ -50,6 +50,14 @@ def in_rank_order(files: Sequence[Path]) -> List[Path]:
     the wrong places; when every file names its rank, that rank decides. Files that do not name
     a rank are taken in the order given.
     """
+    seen: Dict[Path, Path] = {}
+    for f in files:
+        real = Path(f).resolve()
+        if real in seen:
+            raise RankSetError(
+                f"is given twice (also as {seen[real]}); each rank's file must be given once", path=f
+            )
+        seen[real] = Path(f)
     ranks = [rank_of_path(Path(f)) for f in files]
     if len(files) < 2 or any(r is None for r in ranks):
         return list(files)

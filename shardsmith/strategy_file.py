@@ -634,7 +634,8 @@ def export_strategy_file(
         layouts = resolve_for_export(plan, source)
     items = strategy_items(layouts, only_split=only_split)
     data = strategy_file_bytes(items, "json" if output.suffix.lower() == ".json" else "protobuf")
-    with atomic_output(output, directory=False, force=force, inputs=[Path(s) for s in sources]) as out:
+    inputs = [Path(s) for s in sources] + ([plan.path] if plan.path is not None else [])
+    with atomic_output(output, directory=False, force=force, inputs=inputs) as out:
         out.open().write(data)
         out.commit()
     return len(items)

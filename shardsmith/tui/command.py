@@ -77,6 +77,14 @@ def plan_command(
     # The editor opens with headers only (a CRC check reads whole files); its background hashing
     # compares the bytes. --auto reads every byte anyway, and a corrupt file would mislead it.
     source = open_source(sources, select, format, verify_crc=auto)
+    if output is not None:
+        # A plan saved over a checkpoint it was made from would destroy that checkpoint, --force or not.
+        inputs = [*source.paths, *([Path(like)] if like is not None else [])]
+        try:
+            check_target(output, True, directory=False, inputs=inputs)
+        except ShardsmithError:
+            source.close()
+            raise
     try:
         label = source_label(sources)
         if auto:
@@ -204,7 +212,7 @@ def run_auto(
         )
         return EXIT_UNDECIDED
     if written is not None:
-        stderr.print(f"Wrote {len(result.plan.rules)} rules to {written}", highlight=False)
+        stderr.print(f"Wrote {len(result.plan.rules)} rules to {written}", highlight=False, markup=False)
     elif output is None:
         stderr.print("No -o PLAN given: the plan was not written.", highlight=False)
     return 0
