@@ -374,7 +374,11 @@ def _describe_values(values: Sequence[np.ndarray], dtype: str) -> str:
 
 
 class _Arrays:
-    """The source arrays of one parameter, opened on first use and released together."""
+    """The source arrays of one parameter, opened on first use and released together.
+
+    NOTE: a tensor stored in several records (a .ckpt tensor over 512 MiB) is joined into one
+    array by the reader, so it stays resident at its full size until the parameter is written.
+    """
 
     def __init__(self, readers: Sequence[CheckpointReader], name: str) -> None:
         self.readers = readers
