@@ -3,10 +3,11 @@
 The engine produces every output file's bytes in order on one thread; `PipelinedFile.write`
 only queues them. A bounded thread pool then works through each file's queue in two lanes:
 one writes the buffers, the other feeds the same buffers to the file's sha256 for the manifest.
-Both the write system call and hashlib release the GIL on large buffers, so the copy into the
-page cache, the hashing and the producer's next reads and band copies run at the same time,
-and several rank files are written at once. A cap on the bytes queued across all files bounds
-the memory in flight: the producer blocks until enough of them are written and hashed.
+Both the write system call and hashlib release the GIL on large buffers. The copy into the
+page cache, the hashing and the producer's next reads and band copies therefore run at the
+same time, and several rank files are written at once. A cap on the bytes queued across all
+files bounds the memory in flight: the producer blocks until enough of them are written and
+hashed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DEFAULT_MAX_INFLIGHT = 32 * MIB
 
 
 def default_workers() -> int:
-    """Threads for the lanes: two per core, so that a lane blocked on the disk leaves a core busy."""
+    """Return the pool size: two threads per core (at most 8), so a lane blocked on the disk leaves a core busy."""
     return max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
@@ -78,7 +79,7 @@ class _Lane:
     def _run_next(self) -> None:
         with self._lock:
             call = self._queue.popleft()
-        call()  # never raises: _Item.run records errors on the pipeline
+        call()  # never raises: PipelinedFile._run records every error on the pipeline
         with self._lock:
             if not self._queue:
                 self._running = False
@@ -100,9 +101,9 @@ class _Item:
 class WritePipeline:
     """The thread pool and the in-flight cap shared by the files of one job.
 
-    Use it as a context manager: leaving the block waits for every queued write, or, when an
-    exception leaves it, drops what is still queued and waits only for the writes under way, so
-    the caller can close and delete the files safely.
+    Use it as a context manager. Leaving the block normally waits for every queued write. When
+    an exception leaves it, what is still queued is dropped and only the writes under way are
+    waited for, so the caller can close and delete the files safely.
     """
 
     def __init__(self, max_inflight: int = DEFAULT_MAX_INFLIGHT, workers: Optional[int] = None) -> None:
