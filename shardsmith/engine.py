@@ -440,7 +440,7 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
                 f"replicated values differ across ranks ({_describe_values(values, move.dtype)}); "
                 f"largest difference {largest:.6g}, between rank 0 and rank {rank}"
             )
-            _replica_failure(move, message, warn, source.paths[rank])
+            _replica_failure(move, message, warn, _path_of(source, rank))
         return
     for main_rank, main_piece, copy_rank, copy_piece in copies:
         a = arrays[main_rank][main_piece.local.slices()]
@@ -455,7 +455,7 @@ def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Calla
             f"copies that should be identical differ: rank {main_rank} and rank {copy_rank} "
             f"(box {main_piece.full}), largest difference {largest:.6g} at index {list(map(int, worst))}"
         )
-        _replica_failure(move, message, warn, source.paths[copy_rank])
+        _replica_failure(move, message, warn, _path_of(source, copy_rank))
         return
 
 
@@ -476,6 +476,11 @@ def _largest_difference(a: np.ndarray, b: np.ndarray, dtype: str) -> Tuple[float
         return float("nan"), ()
     flat = int(np.argmax(diff))
     return float(diff.reshape(-1)[flat]), tuple(int(i) for i in np.unravel_index(flat, diff.shape))
+
+
+def _path_of(source: Optional[Source], rank: int) -> Optional[Path]:
+    """Return rank's file, or None where the slices come from memory (the msrun jobs pass no Source)."""
+    return source.paths[rank] if source is not None else None
 
 
 def _replica_failure(move: ParamMove, message: str, warn: Callable[[str], None], path: Optional[Path] = None) -> None:
@@ -657,8 +662,13 @@ def execute(
         try:
             check_replicas(move, arrays, source, warn)
             if write is not None:
+                # Target ranks that hold copies read the same source pages; only the last of
+                # each group releases them chunk by chunk, so the others do not unmap pages
+                # that are still to be written.
+                releasing = {max(group) for group in move.target.replica_groups()}
                 for rank in range(job.target_world):
-                    write(rank, move.name, _stream(move, arrays, rank, written, chunk_bytes))
+                    hook = written if rank in releasing else _keep_pages
+                    write(rank, move.name, _stream(move, arrays, rank, hook, chunk_bytes))
         except BaseException:
             arrays.release()
             raise
@@ -668,6 +678,10 @@ def execute(
             arrays.release()
         if progress:
             progress(sum(move.target_nbytes(r) for r in range(job.target_world)))
+
+
+def _keep_pages(callback: Callable[[], None], ranks: Optional[Sequence[int]]) -> None:
+    """A `written` hook that drops the release: the parameter's release at its end still comes."""
 
 
 def _stream(move: ParamMove, arrays: _Arrays, rank: int, written: Optional[WrittenHook], chunk_bytes: Optional[int]):
