@@ -55,7 +55,7 @@ OPTIMIZER_SCALARS = frozenset(
 
 @dataclass(frozen=True)
 class Selection:
-    """Which parameters a job moves: `--include` / `--exclude` globs and `--weights-only`."""
+    """The parameters a job moves, picked by `--include` / `--exclude` globs and `--weights-only`."""
 
     include: Tuple[str, ...] = ()
     exclude: Tuple[str, ...] = ()
@@ -426,7 +426,7 @@ _SHOWN_VALUES = 4
 
 
 def check_replicas(move: ParamMove, arrays: _Arrays, source: Source, warn: Callable[[str], None]) -> None:
-    """Check that the copies a layout says are identical hold identical bytes, by the move's policy."""
+    """Check that copies the layout declares identical contain identical bytes, by the move's policy."""
     copies = move.source.copies()
     if not copies:
         return

@@ -45,7 +45,7 @@ class Progress:
 
 @dataclass
 class Report:
-    """What a job did (or, for a dry run, would do)."""
+    """The outcome of a job: what it wrote, or for a dry run what it would write."""
 
     kind: str
     dry_run: bool
