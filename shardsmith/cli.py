@@ -188,6 +188,7 @@ CRC = typer.Option(False, "--crc", help="Append MindSpore's crc_num trailer to e
 PREFIX = typer.Option("checkpoint_", "--prefix", help="File name prefix in each rank_<r>/ directory: <prefix><r>.ckpt.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+MAX_INFLIGHT = typer.Option(32, "--max-inflight", min=1, help="Cap on the bytes queued for writing at once, in MiB; bounds the memory in flight.")
 KEY_FILE = typer.Option(None, "--key-file", help="File holding the raw 16, 24 or 32 byte key of inputs MindSpore encrypted (or set SHARDSMITH_KEY to it in hex).")
 ENC_MODE = typer.Option(None, "--enc-mode", help="Cipher of encrypted files: AES-GCM, AES-CBC or SM4-CBC (inputs: detected from the file).")
 DEVICE = typer.Option(None, "--device", help="Under msrun: the device the collectives run on, set with mindspore.set_device before init() (CPU or Ascend). Default: MindSpore's.")
@@ -218,6 +219,7 @@ def merge(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    max_inflight: int = MAX_INFLIGHT,
     key_file: Optional[Path] = KEY_FILE,
     enc_mode: Optional[str] = ENC_MODE,
     distributed: bool = DISTRIBUTED,
@@ -240,6 +242,7 @@ def merge(
             sources, plan, output, selection=_selection(include, exclude, weights_only), replicas=replicas,
             select=select, input_format=input_format, output_format=output_format, force=force, dry_run=dry_run,
             verify=verify, crc_check=crc, progress=callbacks, cipher=_cipher(key_file, enc_mode),
+            max_inflight=max_inflight * 1024 * 1024,
         )
     _print_report(report, json_output)
 
@@ -263,6 +266,7 @@ def split(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    max_inflight: int = MAX_INFLIGHT,
     key_file: Optional[Path] = KEY_FILE,
     enc_mode: Optional[str] = ENC_MODE,
     distributed: bool = DISTRIBUTED,
@@ -284,6 +288,7 @@ def split(
             full, plan, output, selection=_selection(include, exclude, weights_only), prefix=prefix, select=select,
             input_format=input_format, output_format=output_format, force=force, dry_run=dry_run, verify=verify,
             crc_check=crc, progress=callbacks, cipher=_cipher(key_file, enc_mode),
+            max_inflight=max_inflight * 1024 * 1024,
         )
     _print_report(report, json_output)
 
@@ -309,6 +314,7 @@ def reshard(
     crc: bool = CRC,
     json_output: bool = JSON_OUT,
     quiet: bool = QUIET,
+    max_inflight: int = MAX_INFLIGHT,
     key_file: Optional[Path] = KEY_FILE,
     enc_mode: Optional[str] = ENC_MODE,
     distributed: bool = DISTRIBUTED,
@@ -331,6 +337,7 @@ def reshard(
             sources, plan, to_plan, output, selection=_selection(include, exclude, weights_only), replicas=replicas,
             prefix=prefix, select=select, input_format=input_format, output_format=output_format, force=force,
             dry_run=dry_run, verify=verify, crc_check=crc, progress=callbacks, cipher=_cipher(key_file, enc_mode),
+            max_inflight=max_inflight * 1024 * 1024,
         )
     _print_report(report, json_output)
 
