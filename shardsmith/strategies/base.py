@@ -81,7 +81,12 @@ class Option:
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"expected one of {', '.join(map(repr, self.choices))}, got {value!r}")
         if self.minimum is not None:
-            values = [value] if self.type == "int" else list(value) if self.type == "int_list" else []
+            if self.type == "int":
+                values = [value]
+            elif self.type == "int_list":
+                values = list(value)
+            else:
+                values = []
             for v in values:
                 if v < self.minimum:
                     raise ValueError(f"expected values of at least {self.minimum}, got {value!r}")
@@ -95,7 +100,7 @@ def _is_int(value: Any) -> bool:
 
 
 class LayoutContext:
-    """What a strategy may ask about the rest of the checkpoint while laying out one parameter.
+    """The facts about the rest of the checkpoint a strategy may use while laying out one parameter.
 
     `name` is the parameter being laid out, `names` every parameter of the checkpoint (rank 0's
     order), `mirror_prefixes` the optimizer-state prefixes in force, and `layout_of(other)` the
@@ -148,7 +153,7 @@ class Strategy(ABC):
             raise PlanError(f"{where}: {exc.message}") from None
 
     def summary(self) -> str:
-        """One line for tables: the name and the options that differ from their defaults."""
+        """Return one line for tables: the name and the options that differ from their defaults."""
         shown = [
             f"{k}={v}"
             for k, v in self.values.items()
