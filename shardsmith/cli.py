@@ -174,7 +174,7 @@ def _selection(include: List[str], exclude: List[str], weights_only: bool):
 
 PATHS = typer.Argument(..., metavar="PATH...", help="A checkpoint file, a rank-set directory (rank_<r>/ subdirectories), or rank files in rank order.")
 PLAN = typer.Option(..., "--plan", "-p", help="The plan (TOML) the source is laid out by.")
-SELECT = typer.Option(None, "--select", help="Glob that picks one checkpoint per rank directory when it holds several.")
+SELECT = typer.Option(None, "--select", help="Glob that picks one checkpoint per rank directory when a directory contains several.")
 IN_FORMAT = typer.Option(None, "--input-format", help="Read sources as 'ckpt' or 'safetensors' whatever their suffix.")
 OUT_FORMAT = typer.Option(None, "--format", help="Write 'ckpt' or 'safetensors' (default: from the output suffix, or the source's format).")
 INCLUDE = typer.Option([], "--include", help="Only parameters matching this glob (repeatable).")

@@ -1,8 +1,8 @@
 """Moving slices from one layout to another: merge, split and reshard are one operation.
 
 A merge is a move to a single rank holding everything, a split a move from one, and a reshard
-a move between two rank sets; `prepare_*` decides every parameter's source and target layout
-(no tensor data read), and `execute` moves the bytes one parameter at a time. Each target
+a move between two rank sets. `prepare_*` decides every parameter's source and target layout
+without reading tensor data, and `execute` moves the bytes one parameter at a time. Each target
 slice is streamed in C order, chunk by chunk: a run that is contiguous in a source slice is
 handed on as a view of the memory-mapped source (no copy), any other band is copied into a
 new buffer from the source boxes that overlap it. No slice is ever built whole, and the

@@ -169,7 +169,11 @@ class Layout:
         return list(groups.values())
 
     def check_coverage(self, name: str) -> None:
-        """Raise LayoutError unless the distinct full boxes tile the full tensor exactly once."""
+        """Raise LayoutError unless the distinct full boxes tile the full tensor, each element once.
+
+        Checked by index ranges: every box lies inside the full shape, no two distinct boxes
+        overlap, and their sizes add up to the full tensor's size.
+        """
         if math.prod(self.full_shape) == 0:
             # A tensor with a 0 dim (or a str entry, dims [0]) has no element to cover, and its
             # boxes are empty, which `intersect` cannot tell from disjoint.

@@ -179,7 +179,7 @@ class Source:
         return [r for r, infos in enumerate(self._infos) if name not in infos]
 
     def extra_names(self) -> Dict[int, List[str]]:
-        """Return names some rank holds that rank 0 does not, per rank."""
+        """Return, per rank, the names that rank's file contains and rank 0's does not."""
         first = set(self.names)
         return {r: [n for n in infos if n not in first] for r, infos in enumerate(self._infos) if set(infos) - first}
 

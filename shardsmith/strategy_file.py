@@ -512,7 +512,12 @@ def tensor_map_of(layout: Layout, name: str = "") -> Tuple[List[int], List[Tenso
     tensor_map: List[TensorMapEntry] = []
     for k, segments in enumerate(segments_per_dim):
         numbers = [axis_of[(stride, k)] for stride, _ in segments]
-        tensor_map.append(-1 if not numbers else numbers[0] if len(numbers) == 1 else numbers)
+        if not numbers:
+            tensor_map.append(-1)
+        elif len(numbers) == 1:
+            tensor_map.append(numbers[0])
+        else:
+            tensor_map.append(numbers)
 
     rebuilt = from_tensor_map(shape, dev_matrix, tensor_map, name=name)
     if rebuilt.slice_shapes != layout.slice_shapes or any(

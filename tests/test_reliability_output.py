@@ -56,7 +56,8 @@ def test_merge_refuses_overwrite_without_force(tmp_path, small_set):
     out.write_bytes(b"precious")
     result = invoke("merge", src, "--plan", plan, "-o", out, "-q")
     assert result.exit_code == 1
-    assert "output exists" in result.stderr and "--force" in result.stderr
+    assert "output exists" in result.stderr
+    assert "--force" in result.stderr
     assert out.read_bytes() == b"precious"
     result = invoke("merge", src, "--plan", plan, "-o", out, "-q", "--force")
     assert result.exit_code == 0, result.output
@@ -241,7 +242,8 @@ def test_kill_9_then_rerun_cleans_up(tmp_path, big_set):
     assert result.returncode == -signal.SIGKILL
     # SIGKILL cannot be caught: the temporary stays, but under a name no reader takes for output.
     leftovers = listing(tmp_path)
-    assert len(leftovers) == 1 and leftovers[0].startswith(".out.ckpt.shardsmith-")
+    assert len(leftovers) == 1
+    assert leftovers[0].startswith(".out.ckpt.shardsmith-")
     assert not out.exists()
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
@@ -276,7 +278,8 @@ def test_old_directory_output_restored_after_crash(tmp_path, small_set):
     aside = tmp_path / f".out.shardsmith-{int(dead.stdout)}.old"
     out_dir.rename(aside)
     result = invoke("reshard", src, "--plan", plan, "--to-plan", plan, "-o", out_dir, "-q")
-    assert result.exit_code == 1 and "output exists" in result.stderr
+    assert result.exit_code == 1
+    assert "output exists" in result.stderr
     assert not aside.exists()
     assert {p.replace("out/", "", 1): v for p, v in snapshot([out_dir]).items()} == before
 
